@@ -1,0 +1,134 @@
+"""The actor as one flat parameter vector and a pure function ``θ ↦ action distribution``.
+
+TRPO's step lives in the space of the *actor* parameters: every parameter the action distribution depends
+on, whatever its name (shared feature extractors and ``log_std`` included, the value head excluded). They
+are found structurally, by asking autograd which parameters the distribution's tensors are connected to, so
+custom policies work without naming conventions.
+
+Candidates are evaluated with :func:`torch.func.functional_call`, which runs the policy's own
+``get_distribution`` with substituted parameter tensors: no module is copied and the policy's parameters
+change only in :meth:`ActorView.commit`.
+"""
+
+from typing import NamedTuple
+
+import torch as th
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs
+from torch import nn
+from torch.func import functional_call
+
+from sb3_trpo.distributions import DistributionParams, distribution_params
+
+
+class PolicyEvaluation(NamedTuple):
+    """The action distributions of a batch of states, evaluated at some actor parameters.
+
+    :param params: the tensors that define the distributions
+    :param log_prob: log-probability of the given actions, shape ``(batch,)``
+    :param entropy: entropy of each distribution, or ``None`` where it has no closed form (tanh squashing)
+    """
+
+    params: DistributionParams
+    log_prob: th.Tensor
+    entropy: th.Tensor | None
+
+
+class _DistributionOf(nn.Module):
+    """Module whose forward is the policy's ``get_distribution``, so that ``functional_call`` can run it."""
+
+    def __init__(self, policy: ActorCriticPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: PyTorchObs, actions: th.Tensor) -> PolicyEvaluation:
+        distribution = self.policy.get_distribution(obs)
+        # SB3 reuses one distribution object per policy: read everything out of it before the next call
+        return PolicyEvaluation(distribution_params(distribution), distribution.log_prob(actions), distribution.entropy())
+
+
+def select_actor_parameters(policy: ActorCriticPolicy, obs: PyTorchObs) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters that the action distribution depends on, in ``named_parameters`` order.
+
+    Decided by the autograd graph of one forward pass, not by names: a parameter belongs to the actor if the
+    distribution's tensors are connected to it.
+
+    :param policy: the actor-critic policy
+    :param obs: a (small) batch of observations, already a tensor (or dict of tensors) on the policy's device
+    :return: ``(name, parameter)`` pairs
+    """
+    named = [(name, param) for name, param in policy.named_parameters() if param.requires_grad]
+    params = distribution_params(policy.get_distribution(obs))
+    probe = sum(t.sum() for t in params.tensors)
+    assert isinstance(probe, th.Tensor)
+    grads = th.autograd.grad(probe, [p for _, p in named], allow_unused=True)
+    selected = [pair for pair, grad in zip(named, grads, strict=True) if grad is not None]
+    if not selected:
+        raise ValueError("The policy's action distribution does not depend on any trainable parameter: nothing to train.")
+    return selected
+
+
+class ActorView:
+    """The actor parameters of a policy as one flat vector, with functional evaluation at any vector.
+
+    :param policy: the actor-critic policy
+    :param obs: a small batch of observations used once to find the actor parameters
+    """
+
+    def __init__(self, policy: ActorCriticPolicy, obs: PyTorchObs) -> None:
+        self.policy = policy
+        named = select_actor_parameters(policy, obs)
+        self.names = ["policy." + name for name, _ in named]
+        self.parameters = [param for _, param in named]
+        self.shapes = [param.shape for param in self.parameters]
+        self.numels = [param.numel() for param in self.parameters]
+        self._module = _DistributionOf(policy)
+        self._all_parameter_ids = self.parameter_ids(policy)
+
+    @staticmethod
+    def parameter_ids(policy: nn.Module) -> tuple[int, ...]:
+        """:return: identities of all parameters of ``policy`` (to notice a replaced module)"""
+        return tuple(id(p) for p in policy.parameters())
+
+    def is_view_of(self, policy: nn.Module) -> bool:
+        """:return: whether this view still describes ``policy`` (same object, same parameter objects)"""
+        return policy is self.policy and self.parameter_ids(policy) == self._all_parameter_ids
+
+    @property
+    def size(self) -> int:
+        """Number of actor parameters (length of the flat vector)."""
+        return sum(self.numels)
+
+    def flat(self) -> th.Tensor:
+        """:return: a detached copy of the current actor parameters as one flat vector"""
+        return th.cat([param.detach().reshape(-1) for param in self.parameters])
+
+    def unflatten(self, theta: th.Tensor) -> dict[str, th.Tensor]:
+        """Split a flat vector into named tensors shaped like the actor parameters (views, so gradients flow).
+
+        :param theta: flat vector of length :attr:`size`
+        """
+        chunks = th.split(theta, self.numels)
+        return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes, strict=True)}
+
+    def evaluate(self, theta: th.Tensor, obs: PyTorchObs, actions: th.Tensor) -> PolicyEvaluation:
+        """Action distributions of ``obs`` and log-probabilities of ``actions`` if the actor parameters were ``theta``.
+
+        The policy's own parameters are not touched.
+
+        :param theta: flat actor parameters
+        :param obs: observations
+        :param actions: actions taken in those states (for the log-probabilities)
+        """
+        output = functional_call(self._module, self.unflatten(theta), (obs, actions))
+        assert isinstance(output, PolicyEvaluation)
+        return output
+
+    def commit(self, theta: th.Tensor) -> None:
+        """Write ``theta`` into the policy's actor parameters.
+
+        :param theta: flat actor parameters
+        """
+        with th.no_grad():
+            for param, chunk in zip(self.parameters, th.split(theta, self.numels), strict=True):
+                param.copy_(chunk.view_as(param))

@@ -1,0 +1,117 @@
+"""Action distributions seen as tensors: the parameters that define them and the KL between two of them.
+
+TRPO constrains the KL divergence between the old and the new policy. SB3's distribution objects are
+stateful (``policy.get_distribution`` returns the *same* object on every call), so the update works on
+the tensors that define a distribution instead: logits for the discrete families, mean and standard
+deviation for the Gaussian ones. Those tensors are taken once from SB3's object, right after the forward
+pass, and everything below is a pure function of them.
+
+The KL of one state is the KL of its whole action distribution: the action dimensions are independent,
+so their KLs **add up**. Averaging over the dimensions (as ``sb3_contrib.TRPO`` does for Box actions)
+would divide the constraint by the action dimension and loosen the trust region by that factor.
+"""
+
+from enum import Enum
+from typing import NamedTuple
+
+import torch as th
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+    StateDependentNoiseDistribution,
+)
+from torch.nn import functional as F
+
+
+class Family(Enum):
+    """The kind of action distribution, which fixes how its parameters are read and compared."""
+
+    #: one or more independent categoricals (Discrete, MultiDiscrete): one logits tensor per sub-space
+    CATEGORICAL = "categorical"
+    #: independent Bernoullis (MultiBinary): one logits tensor
+    BERNOULLI = "bernoulli"
+    #: diagonal Gaussian (Box, also gSDE and tanh-squashed): mean and standard deviation
+    GAUSSIAN = "gaussian"
+
+
+class DistributionParams(NamedTuple):
+    """The tensors that define a batch of action distributions, one row per state.
+
+    :param family: the distribution family
+    :param tensors: for ``CATEGORICAL`` the normalized logits of each sub-space, for ``BERNOULLI`` the logits,
+        for ``GAUSSIAN`` the mean and the standard deviation (both of shape ``(batch, action_dim)``)
+    """
+
+    family: Family
+    tensors: tuple[th.Tensor, ...]
+
+    def detach(self) -> "DistributionParams":
+        """:return: the same parameters, cut from the autograd graph"""
+        return DistributionParams(self.family, tuple(t.detach() for t in self.tensors))
+
+    def select(self, idx: slice | th.Tensor) -> "DistributionParams":
+        """:return: the parameters of the states selected by ``idx`` (along the batch dimension)"""
+        return DistributionParams(self.family, tuple(t[idx] for t in self.tensors))
+
+
+SUPPORTED_DISTRIBUTIONS = (
+    CategoricalDistribution,
+    MultiCategoricalDistribution,
+    BernoulliDistribution,
+    DiagGaussianDistribution,
+    StateDependentNoiseDistribution,
+)
+
+
+def distribution_params(distribution: Distribution) -> DistributionParams:
+    """Read the defining tensors out of an SB3 distribution (after ``proba_distribution`` was called).
+
+    Gradients flow through the returned tensors to whatever produced them.
+
+    :param distribution: an SB3 action distribution
+    :return: its parameters
+    """
+    # Squashed Gaussians and gSDE are Gaussians underneath: tanh is a bijection, so the KL of the squashed
+    # distributions equals the KL of the Gaussians before the squashing.
+    if isinstance(distribution, (DiagGaussianDistribution, StateDependentNoiseDistribution)):
+        normal = distribution.distribution
+        # DiagGaussian's scale broadcasts a (action_dim,) std to the batch: make it a real (batch, dim) tensor
+        return DistributionParams(Family.GAUSSIAN, (normal.loc, normal.scale.expand_as(normal.loc)))
+    if isinstance(distribution, CategoricalDistribution):
+        return DistributionParams(Family.CATEGORICAL, (distribution.distribution.logits,))
+    if isinstance(distribution, MultiCategoricalDistribution):
+        return DistributionParams(Family.CATEGORICAL, tuple(d.logits for d in distribution.distribution))
+    if isinstance(distribution, BernoulliDistribution):
+        return DistributionParams(Family.BERNOULLI, (distribution.distribution.logits,))
+    allowed = ", ".join(cls.__name__ for cls in SUPPORTED_DISTRIBUTIONS)
+    raise TypeError(f"TRPO cannot constrain a {type(distribution).__name__}: the policy must produce one of {allowed}.")
+
+
+def kl_divergence(old: DistributionParams, new: DistributionParams) -> th.Tensor:
+    """KL(old || new) of each state, summed over the independent action dimensions.
+
+    :param old: parameters of the reference (old) distributions
+    :param new: parameters of the new distributions, same family and shapes
+    :return: shape ``(batch,)``
+    """
+    if old.family is not new.family:
+        raise ValueError(f"Cannot compare a {old.family.value} distribution with a {new.family.value} one.")
+    if old.family is Family.CATEGORICAL:
+        kl = th.zeros_like(old.tensors[0][:, 0])
+        for old_logits, new_logits in zip(old.tensors, new.tensors, strict=True):
+            old_log_p = F.log_softmax(old_logits, dim=-1)
+            kl = kl + (old_log_p.exp() * (old_log_p - F.log_softmax(new_logits, dim=-1))).sum(dim=-1)
+        return kl
+    if old.family is Family.BERNOULLI:
+        (a,), (b,) = old.tensors, new.tensors
+        p = th.sigmoid(a)
+        # log(1 - sigmoid(x)) = logsigmoid(-x), stable for large |x|
+        per_dim = p * (F.logsigmoid(a) - F.logsigmoid(b)) + (1 - p) * (F.logsigmoid(-a) - F.logsigmoid(-b))
+        return per_dim.sum(dim=-1)
+    (old_mean, old_std), (new_mean, new_std) = old.tensors, new.tensors
+    var_ratio = (old_std / new_std) ** 2
+    per_dim = 0.5 * (var_ratio + ((old_mean - new_mean) / new_std) ** 2 - 1.0) - 0.5 * th.log(var_ratio)
+    return per_dim.sum(dim=-1)

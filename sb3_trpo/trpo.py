@@ -1,0 +1,454 @@
+"""Trust Region Policy Optimization as an SB3 on-policy algorithm."""
+
+import warnings
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch.nn import functional as F
+
+from sb3_trpo.actor import ActorView
+from sb3_trpo.distributions import kl_divergence
+from sb3_trpo.fisher import kl_hessian_vector_product, mean_kl_from
+from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
+
+SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
+
+SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)
+SUPPORTED_LEAF_OBSERVATION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+def _space_names(space_types: tuple[type[spaces.Space], ...]) -> str:
+    return ", ".join(t.__name__ for t in space_types)
+
+
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    """Refuse spaces TRPO cannot handle, saying which ones it can.
+
+    :param observation_space: the environment's observation space
+    :param action_space: the environment's action space
+    :raises ValueError: for an unsupported space
+    """
+    if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
+        raise ValueError(
+            f"TRPO does not support the action space {action_space}: "
+            f"allowed action spaces are {_space_names(SUPPORTED_ACTION_SPACES)}."
+        )
+    leaves = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+    for leaf in leaves:
+        if not isinstance(leaf, SUPPORTED_LEAF_OBSERVATION_SPACES):
+            raise ValueError(
+                f"TRPO does not support the observation space {observation_space}: allowed observation spaces are "
+                f"{_space_names(SUPPORTED_LEAF_OBSERVATION_SPACES)}, or a Dict of those (not nested)."
+            )
+
+
+def index_obs(obs: PyTorchObs, idx: slice | th.Tensor) -> PyTorchObs:
+    """Select states from a batch of observations (a tensor, or a dict of tensors).
+
+    :param obs: batch of observations
+    :param idx: slice or index tensor along the batch dimension
+    """
+    if isinstance(obs, dict):
+        return {key: value[idx] for key, value in obs.items()}
+    return obs[idx]
+
+
+class RolloutBatch(NamedTuple):
+    """The whole rollout buffer as tensors on the device, ready for one update.
+
+    :param observations: observations (tensor or dict of tensors)
+    :param actions: actions in the shape the distribution's ``log_prob`` expects
+    :param old_log_prob: log-probabilities of the actions under the policy that collected them
+    :param advantages: GAE advantages, normalized if requested
+    :param returns: regression targets of the critic
+    """
+
+    observations: PyTorchObs
+    actions: th.Tensor
+    old_log_prob: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+
+
+class PolicyStepResult(NamedTuple):
+    """Diagnostics of one trust-region policy step (see the README for their meaning).
+
+    :param policy_objective: surrogate at the new parameters (the old ones if the step was rejected)
+    :param kl_divergence: mean KL(old || new) of the accepted step, 0 if rejected
+    :param accepted: whether the line search accepted a step
+    :param surrogate_improvement: actual surrogate change, 0 if rejected
+    :param expected_improvement: first-order prediction ``g · Δθ`` of the accepted step, 0 if rejected
+    :param line_search_steps: number of backtracks taken
+    :param step_size: multiple of the natural-gradient direction that was applied, 0 if rejected
+    :param cg_residual: ``||g - (F + λI) x|| / ||g||`` after conjugate gradient
+    :param entropy: mean entropy of the policy after the step
+    """
+
+    policy_objective: float
+    kl_divergence: float
+    accepted: bool
+    surrogate_improvement: float
+    expected_improvement: float
+    line_search_steps: int
+    step_size: float
+    cg_residual: float
+    entropy: float
+
+
+class TRPO(OnPolicyAlgorithm):
+    """
+    Trust Region Policy Optimization (TRPO).
+
+    Paper: Schulman et al. 2015, https://arxiv.org/abs/1502.05477. Each update takes one natural-gradient step
+    on the surrogate ``mean(ratio · A)`` over the whole rollout, sized by the trust region ``KL ≤ target_kl``
+    and checked by a backtracking line search, then fits the critic by minibatch regression.
+
+    The constructor accepts every keyword of ``sb3_contrib.TRPO`` with the same meaning. Defaults that differ
+    from sb3-contrib follow the reference notebook: ``cg_max_steps=10`` (15 there),
+    ``line_search_shrinking_factor=0.5`` (0.8 there), ``line_search_max_iter=15`` (10 there). The KL of one
+    state is summed over action dimensions (sb3-contrib averages them for Box actions).
+
+    :param policy: The policy model to use (``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"``, or an
+        ``ActorCriticPolicy`` subclass)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: Learning rate of the critic's optimizer (the actor has no learning rate: its step is
+        set by the trust region). Can be a function of the remaining progress (from 1 to 0). Default ``1e-3``.
+    :param n_steps: Number of steps to run for each environment per update (the rollout holds
+        ``n_steps * n_envs`` samples). Default ``2048``.
+    :param batch_size: Minibatch size of the critic regression. Default ``128``.
+    :param gamma: Discount factor, in [0, 1]. Default ``0.99``.
+    :param cg_max_steps: Maximum number of conjugate gradient steps (Fisher-vector products) to solve
+        ``F x = g``; must be >= 1. Default ``10``.
+    :param cg_damping: Damping ``λ`` added to the Fisher matrix (``F + λI``), >= 0. Default ``0.1``.
+    :param line_search_shrinking_factor: Factor in (0, 1) by which the step shrinks at each backtrack
+        (``θ_new = θ + β · factor^k · x``). Default ``0.5``.
+    :param line_search_max_iter: Maximum number of steps tried by the line search, >= 1. Default ``15``.
+    :param n_critic_updates: Number of epochs of critic regression per update, >= 0. Default ``10``.
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator, in [0, 1].
+        Default ``0.95``.
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE). Default ``False``.
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE; -1 samples only at the
+        beginning of the rollout. Default ``-1``.
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation.
+    :param normalize_advantage: Whether to normalize the advantages over the rollout. Default ``True``.
+    :param target_kl: Trust-region radius ``δ``: the largest mean KL(old || new) an accepted step may have,
+        > 0. Default ``0.01``.
+    :param sub_sampling_factor: Compute the Fisher-vector products on every k-th sample only (the gradient and
+        the line search still use the whole rollout), >= 1; see Schulman's thesis, pp. 40-42. Default ``1``.
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over. Default ``100``.
+    :param tensorboard_log: The log location for TensorBoard (if None, no logging).
+    :param policy_kwargs: Additional arguments to be passed to the policy on creation.
+    :param verbose: Verbosity level: 0 no output, 1 info, 2 debug.
+    :param seed: Seed for the pseudo random generators.
+    :param device: Device (cpu, cuda, ...) on which the code should be run; ``"auto"`` uses the GPU if any.
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: ActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 10,
+        cg_damping: float = 0.1,
+        line_search_shrinking_factor: float = 0.5,
+        line_search_max_iter: int = 15,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=0.0,  # TRPO has no entropy bonus: exploration is kept by the trust region itself
+            vf_coef=0.0,  # the critic has its own regression step, never mixed into the policy objective
+            max_grad_norm=0.0,  # unused: the actor step is sized by the trust region, the critic is not clipped
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=None,  # checked below, with a ValueError naming the allowed spaces
+        )
+        self.batch_size = batch_size
+        self.cg_max_steps = cg_max_steps
+        self.cg_damping = cg_damping
+        self.line_search_shrinking_factor = line_search_shrinking_factor
+        self.line_search_max_iter = line_search_max_iter
+        self.n_critic_updates = n_critic_updates
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.sub_sampling_factor = sub_sampling_factor
+        self._actor_view: ActorView | None = None
+        self._check_arguments()
+        if _init_setup_model:
+            self._setup_model()
+
+    def _check_arguments(self) -> None:
+        """Refuse arguments that would make the update meaningless or numerically broken."""
+        if self.action_space is not None:
+            check_spaces(self.observation_space, self.action_space)
+        checks: list[tuple[str, Any, bool, str]] = [
+            ("n_steps", self.n_steps, self.n_steps >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
+            ("gamma", self.gamma, 0.0 <= self.gamma <= 1.0, "in [0, 1]"),
+            ("gae_lambda", self.gae_lambda, 0.0 <= self.gae_lambda <= 1.0, "in [0, 1]"),
+            ("cg_max_steps", self.cg_max_steps, self.cg_max_steps >= 1, "an integer >= 1"),
+            ("cg_damping", self.cg_damping, self.cg_damping >= 0.0, ">= 0"),
+            (
+                "line_search_shrinking_factor",
+                self.line_search_shrinking_factor,
+                0.0 < self.line_search_shrinking_factor < 1.0,
+                "in (0, 1)",
+            ),
+            ("line_search_max_iter", self.line_search_max_iter, self.line_search_max_iter >= 1, "an integer >= 1"),
+            ("n_critic_updates", self.n_critic_updates, self.n_critic_updates >= 0, "an integer >= 0"),
+            ("target_kl", self.target_kl, self.target_kl > 0.0, "> 0"),
+            ("sub_sampling_factor", self.sub_sampling_factor, self.sub_sampling_factor >= 1, "an integer >= 1"),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}.")
+        if self.env is not None:
+            buffer_size = self.env.num_envs * self.n_steps
+            if self.normalize_advantage and buffer_size <= 1:
+                raise ValueError(
+                    f"n_steps * n_envs = {self.n_steps} * {self.env.num_envs} = {buffer_size}: with "
+                    "normalize_advantage=True the rollout must hold at least 2 samples (the std of one is undefined)."
+                )
+            if buffer_size % self.batch_size > 0:
+                warnings.warn(
+                    f"The critic's minibatch size {self.batch_size} does not divide the rollout size "
+                    f"n_steps * n_envs = {buffer_size}: every epoch ends with a truncated minibatch of "
+                    f"{buffer_size % self.batch_size} samples. A batch_size that divides {buffer_size} avoids it.",
+                    stacklevel=3,
+                )
+
+    def _excluded_save_params(self) -> list[str]:
+        # the actor view holds references to the policy: it is rebuilt at the first update after loading
+        return [*super()._excluded_save_params(), "_actor_view"]
+
+    def _get_actor_view(self, obs: PyTorchObs) -> ActorView:
+        """The flat view of the actor parameters, rebuilt if the policy or its modules were replaced."""
+        if self._actor_view is None or not self._actor_view.is_view_of(self.policy):
+            self._actor_view = ActorView(self.policy, index_obs(obs, slice(0, 2)))
+        return self._actor_view
+
+    def _rollout_batch(self) -> RolloutBatch:
+        """The whole rollout buffer as one batch (SB3 computed GAE advantages and returns at collection)."""
+        data = next(self.rollout_buffer.get(batch_size=None))
+        actions = data.actions
+        if isinstance(self.action_space, spaces.Discrete):
+            # the buffer stores actions as floats of shape (n, 1); Categorical.log_prob wants indices (n,)
+            actions = actions.long().flatten()
+        advantages = data.advantages
+        if self.normalize_advantage and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        return RolloutBatch(data.observations, actions, data.old_log_prob, advantages, data.returns)
+
+    def train(self) -> None:
+        """Update the policy with one trust-region step, then fit the critic, on the current rollout buffer."""
+        self.policy.set_training_mode(True)
+        # the learning rate schedule drives the critic's optimizer only
+        self._update_learning_rate(self.policy.optimizer)
+        batch = self._rollout_batch()
+        actor = self._get_actor_view(batch.observations)
+
+        step = self._policy_step(actor, batch)
+        value_losses = self._critic_step(actor, batch)
+        self._n_updates += 1
+
+        self.logger.record("train/policy_objective", step.policy_objective)
+        self.logger.record("train/kl_divergence_loss", step.kl_divergence)
+        self.logger.record("train/is_line_search_success", float(step.accepted))
+        self.logger.record("train/surrogate_improvement", step.surrogate_improvement)
+        self.logger.record("train/expected_improvement", step.expected_improvement)
+        self.logger.record("train/line_search_steps", step.line_search_steps)
+        self.logger.record("train/step_size", step.step_size)
+        self.logger.record("train/cg_residual", step.cg_residual)
+        self.logger.record("train/entropy", step.entropy)
+        self.logger.record("train/value_loss", float(np.mean(value_losses)))
+        self.logger.record(
+            "train/explained_variance",
+            explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()),
+        )
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _policy_step(self, actor: ActorView, batch: RolloutBatch) -> PolicyStepResult:
+        """One trust-region step: gradient → conjugate gradient → max step → line search → commit.
+
+        The policy's parameters change only in the final commit, and only if a step was accepted.
+        """
+        obs, actions = batch.observations, batch.actions
+        theta_old = actor.flat()
+
+        def surrogate(log_prob: th.Tensor) -> th.Tensor:
+            # L(θ) = E[π_θ(a|s) / π_old(a|s) · A] (TRPO paper, eq. 14)
+            return (th.exp(log_prob - batch.old_log_prob) * batch.advantages).mean()
+
+        # 1. gradient of the surrogate w.r.t. the actor parameters
+        theta = theta_old.clone().requires_grad_(True)
+        current = actor.evaluate(theta, obs, actions)
+        objective = surrogate(current.log_prob)
+        (gradient,) = th.autograd.grad(objective, theta)
+        old_params = current.params.detach()
+        old_objective = objective.item()
+
+        # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g; F may be estimated on a subsample ("cheap Fisher")
+        fisher_idx = slice(None, None, self.sub_sampling_factor)
+        fisher_obs, fisher_actions = index_obs(obs, fisher_idx), actions[fisher_idx]
+        fisher_product = kl_hessian_vector_product(
+            mean_kl_from(old_params.select(fisher_idx), lambda t: actor.evaluate(t, fisher_obs, fisher_actions).params),
+            theta_old,
+            damping=self.cg_damping,
+        )
+        cg = conjugate_gradient(fisher_product, gradient, max_iter=self.cg_max_steps)
+        gradient_norm = gradient.norm().item()
+        cg_residual = cg.residual_norm / gradient_norm if gradient_norm > 0 else 0.0
+
+        # 3. largest step whose quadratic KL model reaches the trust-region radius
+        max_step = max_step_size(cg.x, fisher_product(cg.x), self.target_kl)
+
+        # 4. backtracking line search on the real surrogate and KL (on the whole batch)
+        entropies: dict[float, float] = {}
+
+        def trial(coefficient: float) -> Trial:
+            with th.no_grad():
+                candidate = actor.evaluate(theta_old + coefficient * cg.x, obs, actions)
+                kl = kl_divergence(old_params, candidate.params).mean().item()
+                entropies[coefficient] = _mean_entropy(candidate.entropy, candidate.log_prob)
+                return Trial(improvement=surrogate(candidate.log_prob).item() - old_objective, kl=kl)
+
+        search = backtracking_line_search(
+            trial,
+            max_step=max_step,
+            max_kl=self.target_kl,
+            shrinking_factor=self.line_search_shrinking_factor,
+            max_iter=self.line_search_max_iter,
+        )
+
+        # 5. commit the accepted parameters in one assignment, or keep the old policy
+        if search.accepted and search.trial is not None:
+            actor.commit(theta_old + search.step_coefficient * cg.x)
+            return PolicyStepResult(
+                policy_objective=old_objective + search.trial.improvement,
+                kl_divergence=search.trial.kl,
+                accepted=True,
+                surrogate_improvement=search.trial.improvement,
+                expected_improvement=search.step_coefficient * float(gradient @ cg.x),
+                line_search_steps=search.n_backtracks,
+                step_size=search.step_coefficient,
+                cg_residual=cg_residual,
+                entropy=entropies[search.step_coefficient],
+            )
+        return PolicyStepResult(
+            policy_objective=old_objective,
+            kl_divergence=0.0,
+            accepted=False,
+            surrogate_improvement=0.0,
+            expected_improvement=0.0,
+            line_search_steps=search.n_backtracks,
+            step_size=0.0,
+            cg_residual=cg_residual,
+            entropy=_mean_entropy(current.entropy, current.log_prob.detach()),
+        )
+
+    def _critic_step(self, actor: ActorView, batch: RolloutBatch) -> list[float]:
+        """``n_critic_updates`` epochs of minibatch regression of the value function on the returns.
+
+        Only the parameters outside the actor move: a feature extractor shared with the actor is inside the
+        trust region, and a critic step on it would change the policy unchecked.
+
+        :return: the loss of each minibatch (or, with no critic update, the loss of the rollout's values)
+        """
+        if self.n_critic_updates == 0:
+            return [F.mse_loss(batch.returns, th.as_tensor(self.rollout_buffer.values.flatten(), device=self.device)).item()]
+        actor_ids = {id(p) for p in actor.parameters}
+        critic_params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in actor_ids]
+        if not critic_params:
+            raise ValueError(
+                "The policy's value function has no parameters of its own (all are shared with the actor): "
+                "set n_critic_updates=0, or give the critic its own layers."
+            )
+        n_samples = len(batch.returns)
+        losses = []
+        for _ in range(self.n_critic_updates):
+            permutation = th.randperm(n_samples, device=self.device)
+            for start in range(0, n_samples, self.batch_size):
+                idx = permutation[start : start + self.batch_size]
+                values = self.policy.predict_values(index_obs(batch.observations, idx)).flatten()
+                loss = F.mse_loss(batch.returns[idx], values)
+                self.policy.optimizer.zero_grad()
+                # gradients for the critic's own parameters only; the actor's stay None, so the optimizer skips them
+                loss.backward(inputs=critic_params)
+                self.policy.optimizer.step()
+                losses.append(loss.item())
+        return losses
+
+    def learn(
+        self: SelfTRPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "TRPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfTRPO:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+
+def _mean_entropy(entropy: th.Tensor | None, log_prob: th.Tensor) -> float:
+    # tanh-squashed Gaussians have no closed-form entropy: estimate it by -E[log π(a|s)] on the taken actions
+    return (entropy if entropy is not None else -log_prob).mean().item()

@@ -1,0 +1,73 @@
+"""Small environments and policies shared by the tests."""
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.utils import obs_as_tensor
+
+
+class RandomEnv(gym.Env):
+    """Observations drawn at random from ``observation_space``; reward favours actions near a fixed target.
+
+    Works with any observation/action space SB3 can handle, for tests that exercise spaces, not learning.
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, ep_length: int = 20) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.ep_length = ep_length
+        self._steps = 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        self.observation_space.seed(seed)
+        self.action_space.seed(seed)
+        self._steps = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        self._steps += 1
+        flat = np.asarray(action, dtype=np.float64).ravel()
+        reward = float(-np.abs(flat - 0.5).mean())
+        return self.observation_space.sample(), reward, False, self._steps >= self.ep_length, {}
+
+
+BOX_OBS = spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
+
+ACTION_SPACES: dict[str, spaces.Space] = {
+    "discrete": spaces.Discrete(3),
+    "box": spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32),
+    "multidiscrete": spaces.MultiDiscrete([2, 3]),
+    "multibinary": spaces.MultiBinary(3),
+}
+
+
+def tiny_policy(action_space: spaces.Space, seed: int = 0, **kwargs: Any) -> ActorCriticPolicy:
+    """A small actor-critic policy on 3-D observations (the critic kept apart from the actor).
+
+    The distribution heads are re-initialized with a larger gain so the distributions are far from uniform,
+    which makes the Fisher matrix less degenerate and the comparisons more telling.
+    """
+    th.manual_seed(seed)
+    kwargs.setdefault("net_arch", dict(pi=[5], vf=[4]))
+    policy = ActorCriticPolicy(BOX_OBS, action_space, lambda _: 1e-3, **kwargs)
+    with th.no_grad():
+        for param in policy.action_net.parameters():
+            param.normal_(0.0, 0.8)
+        if hasattr(policy, "log_std"):
+            policy.log_std.uniform_(-0.5, 0.3)
+    return policy
+
+
+def sample_batch(policy: ActorCriticPolicy, n: int = 16, seed: int = 0) -> tuple[th.Tensor, th.Tensor]:
+    """Observations and actions sampled from ``policy`` (actions in the shape ``log_prob`` expects)."""
+    BOX_OBS.seed(seed)
+    obs = obs_as_tensor(np.stack([BOX_OBS.sample() for _ in range(n)]), policy.device)
+    th.manual_seed(seed)
+    with th.no_grad():
+        actions = policy.get_distribution(obs).sample()
+    return obs, actions
