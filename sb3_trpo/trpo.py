@@ -190,6 +190,9 @@ class TRPO(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
+        if not isinstance(env, str) and env is not None:
+            # before SB3 wraps the env, which fails on some unsupported spaces with a less helpful message
+            check_spaces(env.observation_space, env.action_space)
         super().__init__(
             policy,
             env,
@@ -229,7 +232,7 @@ class TRPO(OnPolicyAlgorithm):
 
     def _check_arguments(self) -> None:
         """Refuse arguments that would make the update meaningless or numerically broken."""
-        if self.action_space is not None:
+        if self.env is not None:  # (loading builds the model without an env, from spaces it checked when saved)
             check_spaces(self.observation_space, self.action_space)
         checks: list[tuple[str, Any, bool, str]] = [
             ("n_steps", self.n_steps, self.n_steps >= 1, "an integer >= 1"),
