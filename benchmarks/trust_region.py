@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.utils import obs_as_tensor
 
 import sb3_trpo
@@ -30,13 +31,31 @@ SETTINGS: dict[str, dict] = {
     "Pendulum-v1": dict(n_envs=2, kwargs=dict(gamma=0.9, n_steps=1024, use_sde=True, sde_sample_freq=4)),
     "HalfCheetah-v5": dict(
         n_envs=2,
-        kwargs=dict(batch_size=128, n_steps=1024, gamma=0.99, gae_lambda=0.95, cg_max_steps=25, cg_damping=0.1,
-                    n_critic_updates=20, learning_rate=1e-3, sub_sampling_factor=1),
+        kwargs=dict(
+            batch_size=128,
+            n_steps=1024,
+            gamma=0.99,
+            gae_lambda=0.95,
+            cg_max_steps=25,
+            cg_damping=0.1,
+            n_critic_updates=20,
+            learning_rate=1e-3,
+            sub_sampling_factor=1,
+        ),
     ),
     "Hopper-v5": dict(
         n_envs=2,
-        kwargs=dict(batch_size=128, n_steps=1024, gamma=0.99, gae_lambda=0.95, cg_max_steps=25, cg_damping=0.1,
-                    n_critic_updates=20, learning_rate=1e-3, sub_sampling_factor=1),
+        kwargs=dict(
+            batch_size=128,
+            n_steps=1024,
+            gamma=0.99,
+            gae_lambda=0.95,
+            cg_max_steps=25,
+            cg_damping=0.1,
+            n_critic_updates=20,
+            learning_rate=1e-3,
+            sub_sampling_factor=1,
+        ),
     ),
 }
 
@@ -52,13 +71,13 @@ class RunKL:
     seconds: float
 
 
-def _torch_distributions(policy, obs) -> list[th.distributions.Distribution]:
+def _torch_distributions(policy: ActorCriticPolicy, obs: th.Tensor) -> list[th.distributions.Distribution]:
     with th.no_grad():
         dist = policy.get_distribution(obs).distribution
     return list(dist) if isinstance(dist, list) else [dist]
 
 
-def _per_state_kl(old, new) -> th.Tensor:
+def _per_state_kl(old: list[th.distributions.Distribution], new: list[th.distributions.Distribution]) -> th.Tensor:
     total: th.Tensor | float = 0.0
     for p, q in zip(old, new, strict=True):
         kl = th.distributions.kl_divergence(p, q)
@@ -119,13 +138,15 @@ def main() -> None:
         f"# commit {commit}, sb3_trpo {sb3_trpo.__version__}, sb3_contrib {sb3_contrib.__version__}, "
         f"torch {th.__version__}, python {platform.python_version()}"
     )
-    print("| implementation | seed | updates | accepted | max mean KL | max single-state KL | updates over target | "
-          "mean episode return (last 100) | time (s) |")
+    print(
+        "| implementation | seed | updates | accepted | max mean KL | max single-state KL | updates over target | "
+        "mean episode return (last 100) | time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         for name, cls in implementations.items():
 
-            def make(cls=cls, seed=seed):  # noqa: ANN001, ANN202
+            def make(cls=cls, seed=seed):  # noqa: ANN001
                 env = make_vec_env(args.env, n_envs=setting["n_envs"], seed=seed)
                 return cls("MlpPolicy", env, seed=seed, target_kl=args.target_kl, **setting["kwargs"])
 

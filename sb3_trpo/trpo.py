@@ -13,7 +13,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorch
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from sb3_trpo.actor import ActorView
+from sb3_trpo.actor import ActorView, PolicyEvaluation
 from sb3_trpo.distributions import kl_divergence
 from sb3_trpo.fisher import kl_hessian_vector_product, mean_kl_from
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -191,7 +191,7 @@ class TRPO(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ):
         if not isinstance(env, str) and env is not None:
-            # before SB3 wraps the env, which fails on some unsupported spaces with a less helpful message
+            # checked before SB3 wraps the env, which fails on some unsupported spaces with a less helpful message
             check_spaces(env.observation_space, env.action_space)
         super().__init__(
             policy,
@@ -226,14 +226,14 @@ class TRPO(OnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
         self._actor_view: ActorView | None = None
+        if isinstance(env, str):  # an env made by SB3 from its id: its spaces are known only now
+            check_spaces(self.observation_space, self.action_space)
         self._check_arguments()
         if _init_setup_model:
             self._setup_model()
 
     def _check_arguments(self) -> None:
         """Refuse arguments that would make the update meaningless or numerically broken."""
-        if self.env is not None:  # (loading builds the model without an env, from spaces it checked when saved)
-            check_spaces(self.observation_space, self.action_space)
         checks: list[tuple[str, Any, bool, str]] = [
             ("n_steps", self.n_steps, self.n_steps >= 1, "an integer >= 1"),
             ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
@@ -358,14 +358,13 @@ class TRPO(OnPolicyAlgorithm):
         max_step = max_step_size(cg.x, fisher_product(cg.x), self.target_kl)
 
         # 4. backtracking line search on the real surrogate and KL (on the whole batch)
-        entropies: dict[float, float] = {}
+        candidates: list[PolicyEvaluation] = []  # the search stops at the accepted one: it is the last
 
         def trial(coefficient: float) -> Trial:
             with th.no_grad():
-                candidate = actor.evaluate(theta_old + coefficient * cg.x, obs, actions)
-                kl = kl_divergence(old_params, candidate.params).mean().item()
-                entropies[coefficient] = _mean_entropy(candidate.entropy, candidate.log_prob)
-                return Trial(improvement=surrogate(candidate.log_prob).item() - old_objective, kl=kl)
+                candidates.append(actor.evaluate(theta_old + coefficient * cg.x, obs, actions))
+                kl = kl_divergence(old_params, candidates[-1].params).mean().item()
+                return Trial(improvement=surrogate(candidates[-1].log_prob).item() - old_objective, kl=kl)
 
         search = backtracking_line_search(
             trial,
@@ -387,7 +386,7 @@ class TRPO(OnPolicyAlgorithm):
                 line_search_steps=search.n_backtracks,
                 step_size=search.step_coefficient,
                 cg_residual=cg_residual,
-                entropy=entropies[search.step_coefficient],
+                entropy=_mean_entropy(candidates[-1].entropy, candidates[-1].log_prob),
             )
         return PolicyStepResult(
             policy_objective=old_objective,
