@@ -25,38 +25,19 @@ from stable_baselines3.common.utils import obs_as_tensor
 
 import sb3_trpo
 
+# rl-zoo3's TRPO settings for the MuJoCo tasks
+MUJOCO = dict(
+    n_envs=2,
+    kwargs=dict(
+        batch_size=128, n_steps=1024, gamma=0.99, gae_lambda=0.95, cg_max_steps=25, cg_damping=0.1, n_critic_updates=20
+    ),
+)
 # settings per environment: the defaults for CartPole, rl-zoo3-like ones for the continuous tasks
 SETTINGS: dict[str, dict] = {
     "CartPole-v1": dict(n_envs=1, kwargs={}),
     "Pendulum-v1": dict(n_envs=2, kwargs=dict(gamma=0.9, n_steps=1024, use_sde=True, sde_sample_freq=4)),
-    "HalfCheetah-v5": dict(
-        n_envs=2,
-        kwargs=dict(
-            batch_size=128,
-            n_steps=1024,
-            gamma=0.99,
-            gae_lambda=0.95,
-            cg_max_steps=25,
-            cg_damping=0.1,
-            n_critic_updates=20,
-            learning_rate=1e-3,
-            sub_sampling_factor=1,
-        ),
-    ),
-    "Hopper-v5": dict(
-        n_envs=2,
-        kwargs=dict(
-            batch_size=128,
-            n_steps=1024,
-            gamma=0.99,
-            gae_lambda=0.95,
-            cg_max_steps=25,
-            cg_damping=0.1,
-            n_critic_updates=20,
-            learning_rate=1e-3,
-            sub_sampling_factor=1,
-        ),
-    ),
+    "HalfCheetah-v5": MUJOCO,
+    "Hopper-v5": MUJOCO,
 }
 
 

@@ -71,3 +71,22 @@ def sample_batch(policy: ActorCriticPolicy, n: int = 16, seed: int = 0) -> tuple
     with th.no_grad():
         actions = policy.get_distribution(obs).sample()
     return obs, actions
+
+
+def torch_distributions(policy: ActorCriticPolicy, obs: th.Tensor) -> list[th.distributions.Distribution]:
+    """The torch.distributions behind an SB3 policy's action distribution, as a list of independent parts."""
+    with th.no_grad():
+        dist = policy.get_distribution(obs).distribution
+    return list(dist) if isinstance(dist, list) else [dist]
+
+
+def reference_kl(old: list[th.distributions.Distribution], new: list[th.distributions.Distribution]) -> th.Tensor:
+    """Per-state KL(old || new) computed by torch.distributions, summed over independent parts and dimensions.
+
+    Independent of sb3_trpo's own KL code, so tests can check it.
+    """
+    total = th.zeros(())
+    for p, q in zip(old, new, strict=True):
+        kl = th.distributions.kl_divergence(p, q)
+        total = total + (kl.sum(dim=-1) if kl.dim() > 1 else kl)
+    return total

@@ -12,27 +12,12 @@ from sb3_trpo.actor import ActorView
 from sb3_trpo.distributions import DistributionParams, Family, distribution_params, kl_divergence
 from sb3_trpo.fisher import kl_hessian_vector_product, mean_kl_from
 from sb3_trpo.solvers import conjugate_gradient, max_step_size
-from tests.helpers import ACTION_SPACES, sample_batch, tiny_policy
+from tests.helpers import ACTION_SPACES, reference_kl, sample_batch, tiny_policy, torch_distributions
 
 POLICIES = {
     **{name: (space, {}) for name, space in ACTION_SPACES.items()},
     "gsde": (ACTION_SPACES["box"], {"use_sde": True}),
 }
-
-
-def reference_kl(old_torch_dists, new_torch_dists) -> th.Tensor:
-    """Per-state KL from torch.distributions, summed over the independent parts / dimensions."""
-    total = 0
-    for p, q in zip(old_torch_dists, new_torch_dists, strict=True):
-        kl = th.distributions.kl_divergence(p, q)
-        total = total + (kl.sum(dim=-1) if kl.dim() > 1 else kl)
-    return total
-
-
-def torch_dists(policy, obs):
-    """The torch.distributions objects behind an SB3 policy's distribution, as a list of independent parts."""
-    dist = policy.get_distribution(obs).distribution
-    return list(dist) if isinstance(dist, list) else [dist]
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -46,7 +31,7 @@ def test_kl_matches_torch_distributions_summed_over_dimensions(name):
     with th.no_grad():
         old_params = distribution_params(policy.get_distribution(obs))
         new_params = distribution_params(other.get_distribution(obs))
-        expected = reference_kl(torch_dists(policy, obs), torch_dists(other, obs))
+        expected = reference_kl(torch_distributions(policy, obs), torch_distributions(other, obs))
     actual = kl_divergence(old_params, new_params)
     assert actual.shape == (len(obs),)
     th.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
@@ -66,7 +51,7 @@ def distribution_params_from(family, *tensors):
     return DistributionParams(family, tensors)
 
 
-def rebuilt_torch_dists(params):
+def rebuilt_torch_distributions(params):
     """torch.distributions built from our parameter tensors (so KL is computed by torch, not by us)."""
     if params.family is Family.GAUSSIAN:
         return [th.distributions.Normal(*params.tensors)]
@@ -85,10 +70,10 @@ def test_fisher_product_equals_explicit_kl_hessian(name):
     theta_old = actor.flat()
     with th.no_grad():
         old = actor.evaluate(theta_old, obs, actions).params
-    old_torch = rebuilt_torch_dists(old)
+    old_torch = rebuilt_torch_distributions(old)
 
     def torch_mean_kl(theta):
-        new_torch = rebuilt_torch_dists(actor.evaluate(theta, obs, actions).params)
+        new_torch = rebuilt_torch_distributions(actor.evaluate(theta, obs, actions).params)
         return reference_kl(old_torch, new_torch).mean()
 
     hessian = th.autograd.functional.hessian(torch_mean_kl, theta_old)

@@ -6,31 +6,16 @@ of the rollout, each state's KL summed over its action dimensions.
 
 import numpy as np
 import pytest
-import torch as th
 from stable_baselines3.common.utils import obs_as_tensor
 
 from sb3_trpo import TRPO
-from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv
+from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv, reference_kl, torch_distributions
 
 CASES = {
     **{name: (space, {}) for name, space in ACTION_SPACES.items()},
     "gsde": (ACTION_SPACES["box"], {"use_sde": True}),
     "box-subsampled": (ACTION_SPACES["box"], {"sub_sampling_factor": 4}),
 }
-
-
-def torch_distributions(policy, obs):
-    with th.no_grad():
-        dist = policy.get_distribution(obs).distribution
-    return list(dist) if isinstance(dist, list) else [dist]
-
-
-def per_state_kl(old, new) -> th.Tensor:
-    total = 0
-    for p, q in zip(old, new, strict=True):
-        kl = th.distributions.kl_divergence(p, q)
-        total = total + (kl.sum(dim=-1) if kl.dim() > 1 else kl)
-    return total
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -54,7 +39,7 @@ def test_every_accepted_update_stays_in_the_trust_region(case):
         obs = obs_as_tensor(model.rollout_buffer.observations.reshape(-1, *BOX_OBS.shape), model.device)
         before = torch_distributions(model.policy, obs)
         train()
-        kl = per_state_kl(before, torch_distributions(model.policy, obs))
+        kl = reference_kl(before, torch_distributions(model.policy, obs))
         accepted = model.logger.name_to_value["train/is_line_search_success"] == 1.0
         measured.append((accepted, kl.mean().item(), model.logger.name_to_value["train/kl_divergence_loss"]))
 
@@ -94,7 +79,7 @@ def test_box_kl_is_summed_so_the_region_is_not_loosened():
         obs = obs_as_tensor(model.rollout_buffer.observations.reshape(-1, 3), model.device)
         before = torch_distributions(model.policy, obs)
         train()
-        kls.append(per_state_kl(before, torch_distributions(model.policy, obs)).mean().item())
+        kls.append(reference_kl(before, torch_distributions(model.policy, obs)).mean().item())
 
     model.train = checked_train  # type: ignore[method-assign]
     model.learn(256 * 5)
