@@ -115,3 +115,30 @@ def kl_divergence(old: DistributionParams, new: DistributionParams) -> th.Tensor
     var_ratio = (old_std / new_std) ** 2
     per_dim = 0.5 * (var_ratio + ((old_mean - new_mean) / new_std) ** 2 - 1.0) - 0.5 * th.log(var_ratio)
     return per_dim.sum(dim=-1)
+
+
+def fisher_metric_product(params: DistributionParams, tangents: tuple[th.Tensor, ...]) -> tuple[th.Tensor, ...]:
+    """``M u`` per state: the Hessian of ``KL(params || ·)`` at ``params`` (the Fisher information of the
+    distribution in these coordinates) applied to a tangent ``u`` of the parameters.
+
+    - categorical logits ``z`` with probabilities ``p``: ``M = diag(p) - p pᵀ`` (the Hessian of logsumexp);
+    - Bernoulli logits ``a``: ``M = σ(a)(1 - σ(a))``;
+    - Gaussian mean ``μ`` and standard deviation ``σ``: ``M = diag(1/σ², 2/σ²)``, no cross term.
+
+    :param params: the distributions at which the metric is taken
+    :param tangents: one tensor per tensor of ``params``, same shapes
+    :return: ``M u``, same shapes as ``tangents``
+    """
+    if params.family is Family.CATEGORICAL:
+        products = []
+        for logits, u in zip(params.tensors, tangents, strict=True):
+            p = F.softmax(logits, dim=-1)
+            products.append(p * (u - (p * u).sum(dim=-1, keepdim=True)))
+        return tuple(products)
+    if params.family is Family.BERNOULLI:
+        (logits,), (u,) = params.tensors, tangents
+        s = th.sigmoid(logits)
+        return (s * (1 - s) * u,)
+    (_, std), (u_mean, u_std) = params.tensors, tangents
+    inv_var = std.pow(-2)
+    return (inv_var * u_mean, 2.0 * inv_var * u_std)

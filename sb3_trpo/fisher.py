@@ -3,13 +3,23 @@
 At ``θ = θ_old`` the KL between the old and the new policy has value 0 and gradient 0; its Hessian is the
 Fisher information matrix of the policy (TRPO paper, Appendix C.1). TRPO never forms ``F``: conjugate
 gradient only needs products ``F v``.
+
+Two ways to compute them:
+
+- :class:`JacobianFisherProduct`, the one TRPO uses: the chain rule gives ``F = (1/N) Jᵀ M J``, with ``J`` the
+  Jacobian of the distribution parameters (logits, or mean and std) w.r.t. ``θ`` and ``M`` the Fisher matrix of
+  the distribution itself, known in closed form (:func:`~sb3_trpo.distributions.fisher_metric_product`). One
+  product is a Jacobian-vector product, an elementwise ``M``, and one vector-Jacobian product through the graph
+  of the forward pass the surrogate gradient already made: no new forward pass.
+- :func:`kl_hessian_vector_product`, the reference: double back-propagation through the mean KL. About twice as
+  slow (``benchmarks/README.md``), kept to check the fast path against (``tests/test_fisher.py``).
 """
 
 from collections.abc import Callable
 
 import torch as th
 
-from sb3_trpo.distributions import DistributionParams, kl_divergence
+from sb3_trpo.distributions import DistributionParams, fisher_metric_product, kl_divergence
 
 FisherProduct = Callable[[th.Tensor], th.Tensor]
 
@@ -48,3 +58,47 @@ def mean_kl_from(
     :param new_at: ``θ ↦`` parameters of the new distributions
     """
     return lambda theta: kl_divergence(old, new_at(theta)).mean()
+
+
+class JacobianFisherProduct:
+    """``v ↦ ((1/N) Jᵀ M J + damping·I) v`` on the graph of one forward pass.
+
+    ``J v`` is computed in reverse mode twice over ("reverse-over-reverse"): ``u ↦ Jᵀu`` is linear in ``u``, so
+    differentiating it w.r.t. ``u`` in the direction ``v`` gives ``J v``. Unlike forward mode
+    (``torch.func.jvp``), this reuses the stored forward pass instead of recomputing it, which measures about
+    2-3x faster here (``benchmarks/update_speed.py --fisher``).
+
+    :param theta: the flat actor parameters, a leaf tensor with ``requires_grad``
+    :param params: the distribution parameters of ``N`` states computed from ``theta``, graph kept
+    :param damping: Tikhonov damping added to ``F`` (keeps it positive definite for CG)
+    :param jvp: optional replacement for the ``J v`` computation (e.g. forward mode), for comparisons
+    """
+
+    def __init__(
+        self,
+        theta: th.Tensor,
+        params: DistributionParams,
+        damping: float = 0.0,
+        jvp: Callable[[th.Tensor], tuple[th.Tensor, ...]] | None = None,
+    ) -> None:
+        self._theta = theta
+        self._outputs = params.tensors
+        self._at = params.detach()
+        self._scale = 1.0 / params.tensors[0].shape[0]  # F is the Hessian of the *mean* KL over states
+        self._damping = damping
+        self._probes = tuple(th.zeros_like(t, requires_grad=True) for t in self._outputs)
+        (self._transpose,) = th.autograd.grad(self._outputs, theta, self._probes, create_graph=True)
+        self.jvp = jvp if jvp is not None else self._reverse_jvp
+
+    def _reverse_jvp(self, vector: th.Tensor) -> tuple[th.Tensor, ...]:
+        grads = th.autograd.grad(self._transpose, self._probes, vector, retain_graph=True, allow_unused=True)
+        return tuple(th.zeros_like(p) if g is None else g for p, g in zip(self._probes, grads, strict=True))
+
+    def vjp(self, cotangents: tuple[th.Tensor, ...]) -> th.Tensor:
+        """:return: ``Jᵀ u`` for cotangents ``u`` shaped like the distribution parameters"""
+        (product,) = th.autograd.grad(self._outputs, self._theta, cotangents, retain_graph=True)
+        return product
+
+    def __call__(self, vector: th.Tensor) -> th.Tensor:
+        metric_jv = fisher_metric_product(self._at, self.jvp(vector))
+        return self.vjp(tuple(self._scale * t for t in metric_jv)) + self._damping * vector

@@ -17,11 +17,13 @@ class CGResult(NamedTuple):
     """Outcome of :func:`conjugate_gradient`.
 
     :param x: the approximate solution of ``A x = b``
+    :param a_x: ``A x``, accumulated along the iteration (so the caller needs no extra product)
     :param residual_norm: ``||b - A x||`` as tracked by the iteration
     :param n_iterations: matrix-vector products used
     """
 
     x: th.Tensor
+    a_x: th.Tensor
     residual_norm: float
     n_iterations: int
 
@@ -45,6 +47,7 @@ def conjugate_gradient(
     :return: solution, residual norm and iteration count
     """
     x = th.zeros_like(b)
+    a_x = th.zeros_like(b)
     r = b.clone()
     p = b.clone()
     r_dot_r = float(r @ r)
@@ -57,11 +60,14 @@ def conjugate_gradient(
             break
         alpha = r_dot_r / curvature
         x = x + alpha * p
+        a_x = a_x + alpha * a_p
         r = r - alpha * a_p
         new_r_dot_r = float(r @ r)
         p = r + (new_r_dot_r / r_dot_r) * p
         r_dot_r = new_r_dot_r
-    return CGResult(x=x, residual_norm=math.sqrt(r_dot_r) if math.isfinite(r_dot_r) else math.inf, n_iterations=n_iterations)
+    return CGResult(
+        x=x, a_x=a_x, residual_norm=math.sqrt(r_dot_r) if math.isfinite(r_dot_r) else math.inf, n_iterations=n_iterations
+    )
 
 
 def max_step_size(direction: th.Tensor, matvec_direction: th.Tensor, max_kl: float) -> float:

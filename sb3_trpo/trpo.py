@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from sb3_trpo.actor import ActorView, PolicyEvaluation
 from sb3_trpo.distributions import kl_divergence
-from sb3_trpo.fisher import kl_hessian_vector_product, mean_kl_from
+from sb3_trpo.fisher import JacobianFisherProduct
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
 
@@ -334,28 +334,31 @@ class TRPO(OnPolicyAlgorithm):
             # L(θ) = E[π_θ(a|s) / π_old(a|s) · A] (TRPO paper, eq. 14)
             return (th.exp(log_prob - batch.old_log_prob) * batch.advantages).mean()
 
-        # 1. gradient of the surrogate w.r.t. the actor parameters
+        # 1. gradient of the surrogate w.r.t. the actor parameters; the forward pass is kept for the Fisher
         theta = theta_old.clone().requires_grad_(True)
         current = actor.evaluate(theta, obs, actions)
         objective = surrogate(current.log_prob)
-        (gradient,) = th.autograd.grad(objective, theta)
+        (gradient,) = th.autograd.grad(objective, theta, retain_graph=True)
         old_params = current.params.detach()
         old_objective = objective.item()
+        old_entropy = _entropy(current)
 
-        # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g; F may be estimated on a subsample ("cheap Fisher")
-        fisher_idx = slice(None, None, self.sub_sampling_factor)
-        fisher_obs, fisher_actions = index_obs(obs, fisher_idx), actions[fisher_idx]
-        fisher_product = kl_hessian_vector_product(
-            mean_kl_from(old_params.select(fisher_idx), lambda t: actor.evaluate(t, fisher_obs, fisher_actions).params),
-            theta_old,
-            damping=self.cg_damping,
-        )
+        # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g. With sub-sampling, F is estimated on every k-th state
+        # only ("cheap Fisher", Schulman's thesis pp. 40-42), from a forward pass on those states.
+        if self.sub_sampling_factor == 1:
+            fisher_theta, fisher_params = theta, current.params
+        else:
+            fisher_idx = slice(None, None, self.sub_sampling_factor)
+            fisher_theta = theta_old.clone().requires_grad_(True)
+            fisher_params = actor.evaluate(fisher_theta, index_obs(obs, fisher_idx), actions[fisher_idx]).params
+        fisher_product = JacobianFisherProduct(fisher_theta, fisher_params, damping=self.cg_damping)
         cg = conjugate_gradient(fisher_product, gradient, max_iter=self.cg_max_steps)
+        del fisher_product, current, fisher_params  # free the retained graph before the line search
         gradient_norm = gradient.norm().item()
         cg_residual = cg.residual_norm / gradient_norm if gradient_norm > 0 else 0.0
 
         # 3. largest step whose quadratic KL model reaches the trust-region radius
-        max_step = max_step_size(cg.x, fisher_product(cg.x), self.target_kl)
+        max_step = max_step_size(cg.x, cg.a_x, self.target_kl)
 
         # 4. backtracking line search on the real surrogate and KL (on the whole batch)
         candidates: list[PolicyEvaluation] = []  # the search stops at the accepted one: it is the last
@@ -386,7 +389,7 @@ class TRPO(OnPolicyAlgorithm):
                 line_search_steps=search.n_backtracks,
                 step_size=search.step_coefficient,
                 cg_residual=cg_residual,
-                entropy=_mean_entropy(candidates[-1].entropy, candidates[-1].log_prob),
+                entropy=_entropy(candidates[-1]).mean().item(),
             )
         return PolicyStepResult(
             policy_objective=old_objective,
@@ -397,7 +400,7 @@ class TRPO(OnPolicyAlgorithm):
             line_search_steps=search.n_backtracks,
             step_size=0.0,
             cg_residual=cg_residual,
-            entropy=_mean_entropy(current.entropy, current.log_prob.detach()),
+            entropy=old_entropy.mean().item(),
         )
 
     def _critic_step(self, actor: ActorView, batch: RolloutBatch) -> list[float]:
@@ -451,6 +454,7 @@ class TRPO(OnPolicyAlgorithm):
         )
 
 
-def _mean_entropy(entropy: th.Tensor | None, log_prob: th.Tensor) -> float:
-    # tanh-squashed Gaussians have no closed-form entropy: estimate it by -E[log π(a|s)] on the taken actions
-    return (entropy if entropy is not None else -log_prob).mean().item()
+def _entropy(evaluation: PolicyEvaluation) -> th.Tensor:
+    """Per-state entropy, detached; for tanh-squashed Gaussians (no closed form) the estimate -log π(a|s)."""
+    entropy = evaluation.entropy if evaluation.entropy is not None else -evaluation.log_prob
+    return entropy.detach()

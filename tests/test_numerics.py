@@ -1,4 +1,4 @@
-"""Exact tests of the numerics: KL, Fisher-vector products, conjugate gradient, maximal step."""
+"""Exact tests of the numerics: KL, conjugate gradient, maximal step (Fisher products: test_fisher.py)."""
 
 import math
 
@@ -8,9 +8,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.distributions import StateDependentNoiseDistribution
 
-from sb3_trpo.actor import ActorView
 from sb3_trpo.distributions import DistributionParams, Family, distribution_params, kl_divergence
-from sb3_trpo.fisher import kl_hessian_vector_product, mean_kl_from
 from sb3_trpo.solvers import conjugate_gradient, max_step_size
 from tests.helpers import ACTION_SPACES, reference_kl, sample_batch, tiny_policy, torch_distributions
 
@@ -49,45 +47,6 @@ def test_gaussian_kl_is_summed_not_averaged():
 
 def distribution_params_from(family, *tensors):
     return DistributionParams(family, tensors)
-
-
-def rebuilt_torch_distributions(params):
-    """torch.distributions built from our parameter tensors (so KL is computed by torch, not by us)."""
-    if params.family is Family.GAUSSIAN:
-        return [th.distributions.Normal(*params.tensors)]
-    if params.family is Family.BERNOULLI:
-        return [th.distributions.Bernoulli(logits=params.tensors[0])]
-    return [th.distributions.Categorical(logits=t) for t in params.tensors]
-
-
-@pytest.mark.parametrize("name", list(POLICIES))
-def test_fisher_product_equals_explicit_kl_hessian(name):
-    space, kwargs = POLICIES[name]
-    policy = tiny_policy(space, **kwargs)
-    obs, actions = sample_batch(policy, n=12)
-    actor = ActorView(policy, obs)
-    # SB3's preprocessing casts observations to float32, so the comparison is at float32 precision
-    theta_old = actor.flat()
-    with th.no_grad():
-        old = actor.evaluate(theta_old, obs, actions).params
-    old_torch = rebuilt_torch_distributions(old)
-
-    def torch_mean_kl(theta):
-        new_torch = rebuilt_torch_distributions(actor.evaluate(theta, obs, actions).params)
-        return reference_kl(old_torch, new_torch).mean()
-
-    hessian = th.autograd.functional.hessian(torch_mean_kl, theta_old)
-    assert hessian.shape == (actor.size, actor.size)
-    assert hessian.abs().max() > 1e-3, "degenerate test: the Hessian is (nearly) zero"
-
-    damping = 0.1
-    product = kl_hessian_vector_product(
-        mean_kl_from(old, lambda t: actor.evaluate(t, obs, actions).params), theta_old, damping=damping
-    )
-    generator = th.Generator().manual_seed(0)
-    for _ in range(3):
-        v = th.randn(actor.size, generator=generator)
-        th.testing.assert_close(product(v), hessian @ v + damping * v, rtol=1e-4, atol=1e-5)
 
 
 def random_spd(n: int, seed: int, condition: float = 100.0) -> th.Tensor:

@@ -1,0 +1,118 @@
+"""Fisher-vector products: the closed form Jᵀ M J against the explicit Hessian of the mean KL, against the
+double-backprop reference, and against forward mode; the metric M against the KL's Hessian in parameter space."""
+
+import pytest
+import torch as th
+from torch.func import jvp
+
+from sb3_trpo.actor import ActorView
+from sb3_trpo.distributions import DistributionParams, Family, fisher_metric_product, kl_divergence
+from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product, mean_kl_from
+from tests.helpers import ACTION_SPACES, reference_kl, sample_batch, tiny_policy
+
+POLICIES = {
+    **{name: (space, {}) for name, space in ACTION_SPACES.items()},
+    "gsde": (ACTION_SPACES["box"], {"use_sde": True}),
+    "gsde-expln-squashed": (
+        ACTION_SPACES["box"],
+        {"use_sde": True, "use_expln": True, "squash_output": True, "full_std": False},
+    ),
+}
+DAMPING = 0.1
+
+
+def rebuilt_torch_dists(params: DistributionParams) -> list[th.distributions.Distribution]:
+    """torch.distributions built from our parameter tensors (so the KL is computed by torch, not by us)."""
+    if params.family is Family.GAUSSIAN:
+        return [th.distributions.Normal(*params.tensors)]
+    if params.family is Family.BERNOULLI:
+        return [th.distributions.Bernoulli(logits=params.tensors[0])]
+    return [th.distributions.Categorical(logits=t) for t in params.tensors]
+
+
+def setup(name: str, n: int = 12):
+    space, kwargs = POLICIES[name]
+    policy = tiny_policy(space, **kwargs)
+    obs, actions = sample_batch(policy, n=n)
+    actor = ActorView(policy, obs)
+    # SB3's preprocessing casts observations to float32, so the comparisons are at float32 precision
+    return actor, obs, actions, actor.flat()
+
+
+def products(actor, obs, actions, theta_old):
+    """The three implementations, as functions v ↦ (F + λI) v."""
+    with th.no_grad():
+        old = actor.evaluate(theta_old, obs, actions).params
+    theta = theta_old.clone().requires_grad_(True)
+    fast = JacobianFisherProduct(theta, actor.evaluate(theta, obs, actions).params, damping=DAMPING)
+
+    def params_at(t):
+        return actor.evaluate(t, obs, actions).params.tensors
+
+    forward = JacobianFisherProduct(
+        theta, actor.evaluate(theta, obs, actions).params, damping=DAMPING, jvp=lambda v: jvp(params_at, (theta_old,), (v,))[1]
+    )
+    reference = kl_hessian_vector_product(
+        mean_kl_from(old, lambda t: actor.evaluate(t, obs, actions).params), theta_old, damping=DAMPING
+    )
+    return old, {"closed-form": fast, "forward-mode": forward, "double-backprop": reference}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_fisher_product_equals_the_explicit_kl_hessian(name):
+    actor, obs, actions, theta_old = setup(name)
+    old, implementations = products(actor, obs, actions, theta_old)
+    old_torch = rebuilt_torch_dists(old)
+
+    def torch_mean_kl(theta):
+        return reference_kl(old_torch, rebuilt_torch_dists(actor.evaluate(theta, obs, actions).params)).mean()
+
+    hessian = th.autograd.functional.hessian(torch_mean_kl, theta_old)
+    assert hessian.shape == (actor.size, actor.size)
+    assert hessian.abs().max() > 1e-3, "degenerate test: the Hessian is (nearly) zero"
+    generator = th.Generator().manual_seed(0)
+    for _ in range(3):
+        v = th.randn(actor.size, generator=generator)
+        expected = hessian @ v + DAMPING * v
+        for label, product in implementations.items():
+            th.testing.assert_close(product(v), expected, rtol=1e-4, atol=1e-5, msg=lambda m, label=label: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_closed_form_agrees_with_double_backprop_on_a_larger_batch(name):
+    actor, obs, actions, theta_old = setup(name, n=256)
+    _, implementations = products(actor, obs, actions, theta_old)
+    generator = th.Generator().manual_seed(1)
+    for _ in range(5):
+        v = th.randn(actor.size, generator=generator)
+        th.testing.assert_close(implementations["closed-form"](v), implementations["double-backprop"](v), rtol=1e-4, atol=1e-6)
+
+
+def random_params(family: Family, n: int = 5) -> DistributionParams:
+    generator = th.Generator().manual_seed(3)
+    if family is Family.CATEGORICAL:
+        return DistributionParams(family, (th.randn(n, 3, generator=generator), th.randn(n, 2, generator=generator)))
+    if family is Family.BERNOULLI:
+        return DistributionParams(family, (th.randn(n, 4, generator=generator),))
+    return DistributionParams(family, (th.randn(n, 3, generator=generator), th.rand(n, 3, generator=generator) + 0.3))
+
+
+@pytest.mark.parametrize("family", list(Family))
+def test_metric_is_the_hessian_of_the_kl_in_parameter_space(family):
+    params = random_params(family)
+    shapes = [t.shape for t in params.tensors]
+    sizes = [t.numel() for t in params.tensors]
+    flat = th.cat([t.reshape(-1) for t in params.tensors]).double()
+
+    def total_kl(x):
+        tensors = tuple(c.view(s) for c, s in zip(th.split(x, sizes), shapes, strict=True))
+        return kl_divergence(
+            DistributionParams(family, tuple(t.double() for t in params.tensors)), DistributionParams(family, tensors)
+        ).sum()
+
+    hessian = th.autograd.functional.hessian(total_kl, flat)
+    u = th.randn(flat.shape, generator=th.Generator().manual_seed(4), dtype=th.float64)
+    u_parts = tuple(c.view(s) for c, s in zip(th.split(u, sizes), shapes, strict=True))
+    double_params = DistributionParams(family, tuple(t.double() for t in params.tensors))
+    metric_u = th.cat([t.reshape(-1) for t in fisher_metric_product(double_params, u_parts)])
+    th.testing.assert_close(metric_u, hessian @ u, rtol=1e-10, atol=1e-12)
