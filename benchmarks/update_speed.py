@@ -6,6 +6,8 @@ each from the same restored state, with ``torch.set_num_threads(1)``. Reported: 
 ``train()``, the ratio sb3-contrib / sb3_trpo, and where the time goes inside sb3_trpo's ``train()``.
 
     python benchmarks/update_speed.py [--repeats 15] [--cases mujoco64 mujoco64-policy mujoco256 cartpole-zoo]
+    python benchmarks/update_speed.py --fisher          # cost of one Fisher-vector product, three ways
+    python benchmarks/update_speed.py --sub-sampling    # policy step vs sub_sampling_factor
 """
 
 import argparse
@@ -207,13 +209,93 @@ def run_case(name: str, case: Case, repeats: int) -> dict[str, Any]:
     }
 
 
+def _fisher_product_ms(name: str, repeats: int) -> dict[str, float]:
+    from torch.func import jvp
+
+    from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product, mean_kl_from
+
+    model, callback = build(sb3_trpo.TRPO, CASES[name])
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+    batch = model._rollout_batch()
+    actor = model._get_actor_view(batch.observations)
+    obs, actions = batch.observations, batch.actions
+    theta_old = actor.flat()
+    theta = theta_old.clone().requires_grad_(True)
+    params = actor.evaluate(theta, obs, actions).params
+
+    def params_at(t: th.Tensor) -> tuple[th.Tensor, ...]:
+        return actor.evaluate(t, obs, actions).params.tensors
+
+    def forward_mode(v: th.Tensor) -> tuple[th.Tensor, ...]:
+        return jvp(params_at, (theta_old,), (v,))[1]
+
+    variants = {
+        "double": kl_hessian_vector_product(
+            mean_kl_from(params.detach(), lambda t: actor.evaluate(t, obs, actions).params), theta_old, 0.1
+        ),
+        "forward": JacobianFisherProduct(theta, params, 0.1, jvp=forward_mode),
+        "reverse": JacobianFisherProduct(theta, params, 0.1),
+    }
+    v = th.randn_like(theta_old)
+    ms = {}
+    for label, product in variants.items():
+        product(v)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product(v)
+            samples.append(time.perf_counter() - start)
+        ms[label] = 1000 * statistics.median(samples)
+    return ms
+
+
+def fisher_variants(repeats: int) -> None:
+    """Milliseconds per Fisher-vector product on the rollout of each MuJoCo-shaped case, computed three ways."""
+    print("\nOne Fisher-vector product (ms, median), 2048 states, 6-D Gaussian policy:\n")
+    print(
+        "| network | double backprop through the KL (reference) | Jᵀ M J, J v in forward mode "
+        "| Jᵀ M J, J v reverse-over-reverse (used) |"
+    )
+    print("|---|---|---|---|")
+    for name in ("mujoco64", "mujoco256"):
+        ms = _fisher_product_ms(name, repeats)
+        width = name.removeprefix("mujoco")
+        print(f"| {width}x{width} | {ms['double']:.2f} | {ms['forward']:.2f} | {ms['reverse']:.2f} |")
+
+
+def sub_sampling(repeats: int) -> None:
+    """sb3_trpo's policy step (no critic) on the MuJoCo-shaped 64x64 case, for several sub_sampling_factor."""
+    print("\nPolicy step vs sub_sampling_factor (MuJoCo-shaped, 64x64, n_critic_updates=0, ms, median):\n")
+    print("| sub_sampling_factor | sb3_trpo | sb3_contrib | sb3_trpo speed-up over its own k=1 |")
+    print("|---|---|---|---|")
+    base = None
+    for factor in (1, 2, 4, 8):
+        case = CASES["mujoco64-policy"]
+        result = run_case(
+            f"k={factor}",
+            Case(case.env, case.n_envs, {**case.kwargs, "sub_sampling_factor": factor}, case.policy_kwargs),
+            repeats,
+        )
+        base = base or result["ours_ms"]
+        print(f"| {factor} | {result['ours_ms']:.1f} | {result['theirs_ms']:.1f} | {base / result['ours_ms']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--fisher", action="store_true", help="compare the Fisher-vector product implementations")
+    parser.add_argument("--sub-sampling", action="store_true", help="policy step time vs sub_sampling_factor")
     args = parser.parse_args()
     th.set_num_threads(1)
     import sb3_contrib
+
+    if args.fisher:
+        fisher_variants(args.repeats)
+        return
+    if args.sub_sampling:
+        sub_sampling(args.repeats)
+        return
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(
