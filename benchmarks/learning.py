@@ -1,0 +1,242 @@
+"""Learning benchmark: sb3_trpo.TRPO and sb3_contrib.TRPO with the same settings and seeds.
+
+Each run (environment, implementation, seed) trains with rl-zoo3's tuned TRPO settings, evaluates the
+deterministic policy periodically (EvalCallback) and at the end (10 episodes), and writes into
+``OUT/ENV/IMPLEMENTATION/seedN/``: ``evaluations.npz`` (the learning curve), TensorBoard logs under ``tb/`` and
+``result.json`` (final return, training wall time, steps/s, settings, git commit and library versions).
+A run whose ``result.json`` exists is skipped, so an interrupted benchmark resumes where it stopped.
+
+    python benchmarks/learning.py run --envs CartPole-v1 Pendulum-v1 --seeds 0 1 2 --jobs 2
+    python benchmarks/learning.py report        # markdown table + one PNG of learning curves per env
+
+``--jobs 2`` runs the two implementations of one (env, seed) at the same time, so both see the same load.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "learning"
+IMPLEMENTATIONS = ("sb3_trpo", "sb3_contrib")
+
+# rl-zoo3's CG / line-search settings are sb3-contrib's defaults wherever its hyperparams/trpo.yml is silent;
+# both implementations get them explicitly, so their settings are identical
+CONTRIB_SEARCH = dict(cg_max_steps=15, line_search_shrinking_factor=0.8, line_search_max_iter=10)
+MUJOCO = dict(
+    n_envs=2,
+    normalize=True,
+    timesteps=1_000_000,
+    eval_every=50_000,
+    kwargs=dict(
+        CONTRIB_SEARCH,
+        batch_size=128, n_steps=1024, gamma=0.99, gae_lambda=0.95, sub_sampling_factor=1, cg_max_steps=25,
+        cg_damping=0.1, n_critic_updates=20, learning_rate=1e-3,
+    ),
+)  # fmt: skip
+SETTINGS: dict[str, dict[str, Any]] = {
+    "CartPole-v1": dict(
+        n_envs=2, normalize=False, timesteps=100_000, eval_every=5_000,
+        kwargs=dict(**CONTRIB_SEARCH, n_steps=512, batch_size=512, cg_damping=1e-3, gae_lambda=0.98, gamma=0.99,
+                    learning_rate=1e-3, n_critic_updates=20),
+    ),
+    "Pendulum-v1": dict(
+        n_envs=2, normalize=False, timesteps=100_000, eval_every=5_000,
+        kwargs=dict(**CONTRIB_SEARCH, n_steps=1024, gamma=0.9, n_critic_updates=15, use_sde=True, sde_sample_freq=4),
+    ),
+    "LunarLander-v3": dict(
+        n_envs=2, normalize=False, timesteps=200_000, eval_every=10_000,
+        kwargs=dict(**CONTRIB_SEARCH, n_steps=512, cg_damping=0.01, gae_lambda=0.98, gamma=0.99, learning_rate=1e-3,
+                    n_critic_updates=15),
+    ),
+    "Hopper-v5": {**MUJOCO, "kwargs": {**MUJOCO["kwargs"]}},
+    "HalfCheetah-v5": {**MUJOCO, "kwargs": {**MUJOCO["kwargs"], "target_kl": 0.04}},
+}  # fmt: skip
+
+
+def _versions() -> dict[str, str]:
+    import gymnasium
+    import sb3_contrib
+    import stable_baselines3
+    import torch
+
+    import sb3_trpo
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return {
+        "git_commit": commit.stdout.strip(),
+        "sb3_trpo": sb3_trpo.__version__,
+        "sb3_contrib": sb3_contrib.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_one(env_id: str, implementation: str, seed: int, out: Path, timesteps: int | None = None) -> dict[str, Any]:
+    """Train and evaluate one (env, implementation, seed); skip it if its result exists."""
+    run_dir = out / env_id / implementation / f"seed{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    import torch as th
+    from stable_baselines3.common.callbacks import EvalCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
+
+    th.set_num_threads(1)
+    if implementation == "sb3_trpo":
+        from sb3_trpo import TRPO
+    else:
+        from sb3_contrib import TRPO  # type: ignore[assignment]
+
+    setting = {**SETTINGS[env_id], "timesteps": timesteps or SETTINGS[env_id]["timesteps"]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = make_vec_env(env_id, n_envs=setting["n_envs"], seed=seed)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
+    if setting["normalize"]:
+        env = VecNormalize(env, gamma=setting["kwargs"].get("gamma", 0.99))
+        # EvalCallback copies the training statistics into the eval env before each evaluation
+        eval_env = VecNormalize(eval_env, training=False, norm_reward=False)
+
+    class TimedEval(EvalCallback):
+        """EvalCallback that adds up its own time, so training wall time can exclude evaluation."""
+
+        seconds = 0.0
+
+        def _on_step(self) -> bool:
+            start = time.perf_counter()
+            try:
+                return super()._on_step()
+            finally:
+                self.seconds += time.perf_counter() - start
+
+    eval_callback = TimedEval(
+        eval_env,
+        eval_freq=max(setting["eval_every"] // setting["n_envs"], 1),
+        n_eval_episodes=5,
+        log_path=str(run_dir),
+        verbose=0,
+    )
+    model = TRPO("MlpPolicy", env, seed=seed, tensorboard_log=str(run_dir / "tb"), **setting["kwargs"])
+    start = time.perf_counter()
+    model.learn(setting["timesteps"], callback=eval_callback, tb_log_name=implementation)
+    learn_seconds = time.perf_counter() - start
+    train_seconds = learn_seconds - eval_callback.seconds
+    sync_envs_normalization(env, eval_env)  # final evaluation with the final normalization statistics
+    final_mean, final_std = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True)
+    result = {
+        "env": env_id,
+        "implementation": implementation,
+        "seed": seed,
+        "timesteps": setting["timesteps"],
+        "final_return_mean": float(final_mean),
+        "final_return_std": float(final_std),
+        "train_seconds": train_seconds,
+        "learn_seconds_with_eval": learn_seconds,
+        "steps_per_second": setting["timesteps"] / train_seconds,
+        "settings": {k: v for k, v in setting.items() if k != "kwargs"} | {"kwargs": setting["kwargs"]},
+        "versions": _versions(),
+    }
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _run_job(job: tuple[str, str, int, str, int | None]) -> str:
+    env_id, implementation, seed, out, timesteps = job
+    result = run_one(env_id, implementation, seed, Path(out), timesteps)
+    return (
+        f"{env_id} {implementation} seed {seed}: return {result['final_return_mean']:.1f}, "
+        f"{result['train_seconds']:.0f} s, {result['steps_per_second']:.0f} steps/s"
+    )
+
+
+def run(envs: list[str], seeds: list[int], jobs: int, out: Path, timesteps: int | None = None) -> None:
+    # the two implementations of one (env, seed) are next to each other, so with 2 jobs they run together
+    todo = [(env_id, impl, seed, str(out), timesteps) for env_id in envs for seed in seeds for impl in IMPLEMENTATIONS]
+    if jobs == 1:
+        for job in todo:
+            print(_run_job(job), flush=True)
+        return
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for line in pool.map(_run_job, todo):
+            print(line, flush=True)
+
+
+def report(out: Path) -> None:
+    """Print the results table (markdown) and write one learning-curve PNG per environment into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*/result.json"))]
+    envs = [env for env in SETTINGS if any(r["env"] == env for r in results)]
+    print("| environment | steps | implementation | seeds | final return (mean ± std over seeds) | "
+          "training wall time (s, mean) | steps/s (mean) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for env_id in envs:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for implementation, color in zip(IMPLEMENTATIONS, ("tab:blue", "tab:orange"), strict=True):
+            runs = [r for r in results if r["env"] == env_id and r["implementation"] == implementation]
+            if not runs:
+                continue
+            finals = np.array([r["final_return_mean"] for r in runs])
+            seconds = np.mean([r["train_seconds"] for r in runs])
+            speed = np.mean([r["steps_per_second"] for r in runs])
+            print(
+                f"| {env_id} | {runs[0]['timesteps']:,} | {implementation} | {len(runs)} | "
+                f"{finals.mean():.1f} ± {finals.std():.1f} | {seconds:.0f} | {speed:.0f} |"
+            )
+            curves = []
+            for r in runs:
+                curve_file = out / env_id / implementation / f"seed{r['seed']}" / "evaluations.npz"
+                if curve_file.exists():  # (a run shorter than one evaluation interval has none)
+                    data = np.load(curve_file)
+                    curves.append((data["timesteps"], data["results"].mean(axis=1)))
+            if not curves:
+                continue
+            length = min(len(c[0]) for c in curves)
+            steps = curves[0][0][:length]
+            returns = np.stack([c[1][:length] for c in curves])
+            axes.plot(steps, returns.mean(axis=0), color=color, label=f"{implementation} ({len(runs)} seeds)")
+            axes.fill_between(steps, returns.min(axis=0), returns.max(axis=0), color=color, alpha=0.2)
+        axes.set_title(f"{env_id}: deterministic evaluation return")
+        axes.set_xlabel("environment steps")
+        axes.set_ylabel("return (mean over seeds, min-max band)")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out / f"{env_id}.png", dpi=100)
+        plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="train and evaluate (skips finished runs)")
+    run_parser.add_argument("--envs", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run_parser.add_argument("--jobs", type=int, default=1, help="processes in parallel (2: both implementations at once)")
+    run_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    run_parser.add_argument("--timesteps", type=int, default=None, help="override the budget (quick checks only)")
+    report_parser = sub.add_parser("report", help="results table and learning-curve PNGs")
+    report_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.envs, args.seeds, args.jobs, args.out, args.timesteps)
+    else:
+        report(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
