@@ -18,36 +18,9 @@ from sb3_trpo.distributions import kl_divergence
 from sb3_trpo.fisher import JacobianFisherProduct
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
+from sb3_trpo.validation import check_against_spaces, check_arguments, check_spaces
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
-
-SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)
-SUPPORTED_LEAF_OBSERVATION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
-
-
-def _space_names(space_types: tuple[type[spaces.Space], ...]) -> str:
-    return ", ".join(t.__name__ for t in space_types)
-
-
-def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
-    """Refuse spaces TRPO cannot handle, saying which ones it can.
-
-    :param observation_space: the environment's observation space
-    :param action_space: the environment's action space
-    :raises ValueError: for an unsupported space
-    """
-    if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
-        raise ValueError(
-            f"TRPO does not support the action space {action_space}: "
-            f"allowed action spaces are {_space_names(SUPPORTED_ACTION_SPACES)}."
-        )
-    leaves = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
-    for leaf in leaves:
-        if not isinstance(leaf, SUPPORTED_LEAF_OBSERVATION_SPACES):
-            raise ValueError(
-                f"TRPO does not support the observation space {observation_space}: allowed observation spaces are "
-                f"{_space_names(SUPPORTED_LEAF_OBSERVATION_SPACES)}, or a Dict of those (not nested)."
-            )
 
 
 def index_obs(obs: PyTorchObs, idx: slice | th.Tensor) -> PyTorchObs:
@@ -190,6 +163,11 @@ class TRPO(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
+        # every keyword is checked before SB3 uses any of them (locals() holds exactly the arguments here)
+        check_arguments(locals())
+        # numpy scalars pass the checks; SB3's schedule and seeding want plain Python numbers
+        learning_rate = learning_rate if callable(learning_rate) else float(learning_rate)
+        seed = None if seed is None else int(seed)
         if not isinstance(env, str) and env is not None:
             # checked before SB3 wraps the env, which fails on some unsupported spaces with a less helpful message
             check_spaces(env.observation_space, env.action_space)
@@ -228,47 +206,28 @@ class TRPO(OnPolicyAlgorithm):
         self._actor_view: ActorView | None = None
         if isinstance(env, str):  # an env made by SB3 from its id: its spaces are known only now
             check_spaces(self.observation_space, self.action_space)
-        self._check_arguments()
+        if self.env is not None:
+            check_against_spaces(self.observation_space, rollout_buffer_class)
+            self._check_rollout_size()
         if _init_setup_model:
             self._setup_model()
 
-    def _check_arguments(self) -> None:
-        """Refuse arguments that would make the update meaningless or numerically broken."""
-        checks: list[tuple[str, Any, bool, str]] = [
-            ("n_steps", self.n_steps, self.n_steps >= 1, "an integer >= 1"),
-            ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
-            ("gamma", self.gamma, 0.0 <= self.gamma <= 1.0, "in [0, 1]"),
-            ("gae_lambda", self.gae_lambda, 0.0 <= self.gae_lambda <= 1.0, "in [0, 1]"),
-            ("cg_max_steps", self.cg_max_steps, self.cg_max_steps >= 1, "an integer >= 1"),
-            ("cg_damping", self.cg_damping, self.cg_damping >= 0.0, ">= 0"),
-            (
-                "line_search_shrinking_factor",
-                self.line_search_shrinking_factor,
-                0.0 < self.line_search_shrinking_factor < 1.0,
-                "in (0, 1)",
-            ),
-            ("line_search_max_iter", self.line_search_max_iter, self.line_search_max_iter >= 1, "an integer >= 1"),
-            ("n_critic_updates", self.n_critic_updates, self.n_critic_updates >= 0, "an integer >= 0"),
-            ("target_kl", self.target_kl, self.target_kl > 0.0, "> 0"),
-            ("sub_sampling_factor", self.sub_sampling_factor, self.sub_sampling_factor >= 1, "an integer >= 1"),
-        ]
-        for name, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}.")
-        if self.env is not None:
-            buffer_size = self.env.num_envs * self.n_steps
-            if self.normalize_advantage and buffer_size <= 1:
-                raise ValueError(
-                    f"n_steps * n_envs = {self.n_steps} * {self.env.num_envs} = {buffer_size}: with "
-                    "normalize_advantage=True the rollout must hold at least 2 samples (the std of one is undefined)."
-                )
-            if buffer_size % self.batch_size > 0:
-                warnings.warn(
-                    f"The critic's minibatch size {self.batch_size} does not divide the rollout size "
-                    f"n_steps * n_envs = {buffer_size}: every epoch ends with a truncated minibatch of "
-                    f"{buffer_size % self.batch_size} samples. A batch_size that divides {buffer_size} avoids it.",
-                    stacklevel=3,
-                )
+    def _check_rollout_size(self) -> None:
+        """Refuse a rollout too small to normalize, and warn about a truncated last minibatch."""
+        assert self.env is not None
+        buffer_size = self.env.num_envs * self.n_steps
+        if self.normalize_advantage and buffer_size <= 1:
+            raise ValueError(
+                f"n_steps * n_envs = {self.n_steps} * {self.env.num_envs} = {buffer_size}: with "
+                "normalize_advantage=True the rollout must hold at least 2 samples (the std of one is undefined)."
+            )
+        if buffer_size % self.batch_size > 0:
+            warnings.warn(
+                f"The critic's minibatch size {self.batch_size} does not divide the rollout size "
+                f"n_steps * n_envs = {buffer_size}: every epoch ends with a truncated minibatch of "
+                f"{buffer_size % self.batch_size} samples. A batch_size that divides {buffer_size} avoids it.",
+                stacklevel=3,
+            )
 
     def _setup_model(self) -> None:
         if (
