@@ -1,19 +1,27 @@
 """Trust Region Policy Optimization as an SB3 on-policy algorithm."""
 
+import io
+import math
+import os
+import pathlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo.actor import ActorView, PolicyEvaluation
+from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.distributions import kl_divergence
 from sb3_trpo.fisher import JacobianFisherProduct
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -32,6 +40,16 @@ def index_obs(obs: PyTorchObs, idx: slice | th.Tensor) -> PyTorchObs:
     if isinstance(obs, dict):
         return {key: value[idx] for key, value in obs.items()}
     return obs[idx]
+
+
+class NonFiniteRolloutError(ValueError):
+    """The rollout holds NaN or infinite values, so no update can be computed from it."""
+
+
+def _count_non_finite(values: np.ndarray | th.Tensor) -> int:
+    if isinstance(values, th.Tensor):
+        return 0 if not values.is_floating_point() else int((~th.isfinite(values)).sum())
+    return 0 if not np.issubdtype(values.dtype, np.floating) else int((~np.isfinite(values)).sum())
 
 
 class RolloutBatch(NamedTuple):
@@ -204,6 +222,9 @@ class TRPO(OnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
         self._actor_view: ActorView | None = None
+        # updates whose policy or critic step a numerical fault made TRPO skip (saved with the model)
+        self._skipped_policy_steps = 0
+        self._skipped_critic_steps = 0
         if isinstance(env, str):  # an env made by SB3 from its id: its spaces are known only now
             check_spaces(self.observation_space, self.action_space)
         if self.env is not None:
@@ -250,6 +271,74 @@ class TRPO(OnPolicyAlgorithm):
             self._actor_view = ActorView(self.policy, index_obs(obs, slice(0, 2)))
         return self._actor_view
 
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """SB3's collection, with a clear error when the environment returns non-finite observations (the policy's
+        distribution would refuse them with a message about its own parameters)."""
+        try:
+            return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        except ValueError as error:
+            last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
+            count = sum(_count_non_finite(np.asarray(o)) for o in last)
+            if count:
+                raise NonFiniteRolloutError(
+                    f"The environment returned non-finite observations ({count} NaN or infinite values), so the policy "
+                    "cannot act on them; the model is unchanged and can still be saved. Wrap the environment in "
+                    "stable_baselines3.common.vec_env.VecCheckNan(env, raise_exception=True) to find the step that "
+                    "produces them."
+                ) from error
+            raise
+
+    def _check_rollout_is_finite(self) -> None:
+        """Refuse to learn from NaN or infinite observations, rewards, values or advantages.
+
+        They come from the environment (or a wrapper), not from TRPO: failing loudly points the user at them,
+        and the model is left exactly as it was, so it can still be saved.
+        """
+        buffer = self.rollout_buffer
+        observations = buffer.observations.values() if isinstance(buffer.observations, dict) else [buffer.observations]
+        checks = {
+            "observations": sum(_count_non_finite(o) for o in observations),
+            "rewards": _count_non_finite(buffer.rewards),
+            "value predictions": _count_non_finite(buffer.values),
+            "advantages or returns (computed from rewards and values)": _count_non_finite(buffer.advantages)
+            + _count_non_finite(buffer.returns),
+        }
+        for what, count in checks.items():
+            if count:
+                raise NonFiniteRolloutError(
+                    f"The rollout contains non-finite {what} ({count} NaN or infinite values), so no update was made: "
+                    "the model is unchanged and can still be saved. Wrap the environment in "
+                    "stable_baselines3.common.vec_env.VecCheckNan(env, raise_exception=True) to find the step that "
+                    "produces them (or VecNormalize to tame very large rewards or observations)."
+                )
+
+    def _skip_policy_step(self, reason: str, old_objective: float, old_entropy: th.Tensor) -> PolicyStepResult:
+        """Keep the old policy because a numerical fault made the step meaningless; warn and count it."""
+        self._skipped_policy_steps += 1
+        warnings.warn(
+            f"TRPO skipped the policy step of update {self._n_updates + 1}: {reason}. The policy is unchanged "
+            f"({self._skipped_policy_steps} policy steps skipped so far, logged as train/skipped_policy_steps).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return PolicyStepResult(
+            policy_objective=old_objective,
+            kl_divergence=0.0,
+            accepted=False,
+            surrogate_improvement=0.0,
+            expected_improvement=0.0,
+            line_search_steps=0,
+            step_size=0.0,
+            cg_residual=math.nan,
+            entropy=old_entropy.mean().item(),
+        )
+
     def _rollout_batch(self) -> RolloutBatch:
         """The whole rollout buffer as one batch (SB3 computed GAE advantages and returns at collection)."""
         data = next(self.rollout_buffer.get(batch_size=None))
@@ -267,12 +356,15 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         # the learning rate schedule drives the critic's optimizer only
         self._update_learning_rate(self.policy.optimizer)
+        self._check_rollout_is_finite()
         batch = self._rollout_batch()
         actor = self._get_actor_view(batch.observations)
 
         step = self._policy_step(actor, batch)
         value_loss = self._critic_step(actor, batch)
         self._n_updates += 1
+        self.logger.record("train/skipped_policy_steps", self._skipped_policy_steps)
+        self.logger.record("train/skipped_critic_steps", self._skipped_critic_steps)
 
         self.logger.record("train/policy_objective", step.policy_objective)
         self.logger.record("train/kl_divergence_loss", step.kl_divergence)
@@ -312,6 +404,8 @@ class TRPO(OnPolicyAlgorithm):
         old_params = current.params.detach()
         old_objective = objective.item()
         old_entropy = _entropy(current)
+        if not math.isfinite(old_objective) or not bool(th.isfinite(gradient).all()):
+            return self._skip_policy_step("the surrogate or its gradient is not finite", old_objective, old_entropy)
 
         # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g. With sub-sampling, F is estimated on every k-th state
         # only ("cheap Fisher", Schulman's thesis pp. 40-42), from a forward pass on those states.
@@ -328,7 +422,18 @@ class TRPO(OnPolicyAlgorithm):
         cg_residual = cg.residual_norm / gradient_norm if gradient_norm > 0 else 0.0
 
         # 3. largest step whose quadratic KL model reaches the trust-region radius
+        if cg.breakdown is not None and not math.isfinite(cg.breakdown):
+            return self._skip_policy_step(
+                f"the Fisher-vector product is not finite (pᵀ(F + λI)p = {cg.breakdown})", old_objective, old_entropy
+            )
+        if not bool(th.isfinite(cg.x).all()) or not bool(th.isfinite(cg.a_x).all()):
+            return self._skip_policy_step("the conjugate-gradient solution is not finite", old_objective, old_entropy)
         max_step = max_step_size(cg.x, cg.a_x, self.target_kl)
+        if max_step == 0.0 and gradient_norm > 0:
+            curvature = float(cg.x @ cg.a_x)
+            return self._skip_policy_step(
+                f"the curvature xᵀ(F + λI)x = {curvature:.3g} is not positive and finite", old_objective, old_entropy
+            )
 
         # 4. backtracking line search on the real surrogate and KL (on the whole batch)
         candidates: list[PolicyEvaluation] = []  # the search stops at the accepted one: it is the last
@@ -392,6 +497,7 @@ class TRPO(OnPolicyAlgorithm):
             )
         inputs, predict_values = self._value_inputs(batch.observations, actor_ids)
         optimizer = self.policy.optimizer
+        snapshot = _CriticSnapshot(critic_params, optimizer)
         # the actor's gradients stay None for the whole step, so the optimizer leaves the actor alone
         optimizer.zero_grad(set_to_none=True)
         n_samples = len(batch.returns)
@@ -408,7 +514,20 @@ class TRPO(OnPolicyAlgorithm):
                     param.grad = grad
                 optimizer.step()
                 losses.append(loss.detach())
-        return th.stack(losses).mean().item()
+        mean_loss = th.stack(losses).mean().item()
+        if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in critic_params):
+            # a diverging regression (e.g. a learning rate far too large): undo the whole critic step
+            snapshot.restore()
+            self._skipped_critic_steps += 1
+            warnings.warn(
+                f"TRPO undid the critic step of update {self._n_updates + 1}: the value loss or the critic's parameters "
+                "became non-finite (is learning_rate too large?). The critic and its optimizer are back to their state "
+                f"before the step ({self._skipped_critic_steps} critic steps undone so far, logged as "
+                "train/skipped_critic_steps).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return mean_loss
 
     def _value_inputs(self, obs: PyTorchObs, actor_ids: set[int]) -> tuple[PyTorchObs, Callable[[PyTorchObs], th.Tensor]]:
         """What the critic step regresses from, and how values are computed from a minibatch of it.
@@ -427,6 +546,51 @@ class TRPO(OnPolicyAlgorithm):
             return features, lambda x: policy.value_net(policy.mlp_extractor.forward_critic(x)).flatten()
         return obs, lambda x: policy.predict_values(x).flatten()
 
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """Save the model as SB3 does, but atomically when ``path`` is a file path: the model is written to a
+        temporary file and renamed over ``path``, so an interrupted save never leaves a truncated checkpoint.
+
+        :param path: where to save (``.zip`` is appended when it has no suffix), or a binary file object
+        :param exclude: names of attributes not to save, in addition to the default ones
+        :param include: names of attributes to save even if excluded by default
+        """
+        if isinstance(path, (str, os.PathLike)) and not resolve_save_path(path).is_dir():
+            save_atomically(path, lambda file: super(TRPO, self).save(file, exclude=exclude, include=include))
+        else:
+            super().save(path, exclude=exclude, include=include)
+
+    @classmethod
+    def load(
+        cls: type[SelfTRPO],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfTRPO:
+        """Load a model saved by ``sb3_trpo.TRPO`` or by ``sb3_contrib.TRPO`` (same format, same policies).
+
+        The file is checked first: a truncated or damaged file raises a ``ValueError`` saying so.
+        Other arguments as in SB3's ``BaseAlgorithm.load``.
+        """
+        check_model_file(path)
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
+        )
+
     def learn(
         self: SelfTRPO,
         total_timesteps: int,
@@ -444,6 +608,30 @@ class TRPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+
+class _CriticSnapshot:
+    """A copy of the critic's parameters and of their optimizer state, to undo a failed critic step."""
+
+    def __init__(self, params: list[th.nn.Parameter], optimizer: th.optim.Optimizer) -> None:
+        self._params = params
+        self._optimizer = optimizer
+        self._values = [p.detach().clone() for p in params]
+        self._state = {
+            p: {k: v.clone() if isinstance(v, th.Tensor) else v for k, v in optimizer.state[p].items()}
+            for p in params
+            if p in optimizer.state
+        }
+
+    def restore(self) -> None:
+        with th.no_grad():
+            for param, value in zip(self._params, self._values, strict=True):
+                param.copy_(value)
+        for param in self._params:
+            if param in self._state:
+                self._optimizer.state[param] = self._state[param]
+            else:
+                self._optimizer.state.pop(param, None)
 
 
 def _entropy(evaluation: PolicyEvaluation) -> th.Tensor:
