@@ -93,6 +93,21 @@ class PolicyStepResult(NamedTuple):
     cg_residual: float
     entropy: float
 
+    @classmethod
+    def unchanged(cls, objective: float, line_search_steps: int, cg_residual: float, entropy: float) -> "PolicyStepResult":
+        """The diagnostics of a step that kept the old policy."""
+        return cls(
+            policy_objective=objective,
+            kl_divergence=0.0,
+            accepted=False,
+            surrogate_improvement=0.0,
+            expected_improvement=0.0,
+            line_search_steps=line_search_steps,
+            step_size=0.0,
+            cg_residual=cg_residual,
+            entropy=entropy,
+        )
+
 
 class TRPO(OnPolicyAlgorithm):
     """
@@ -327,17 +342,7 @@ class TRPO(OnPolicyAlgorithm):
             RuntimeWarning,
             stacklevel=3,
         )
-        return PolicyStepResult(
-            policy_objective=old_objective,
-            kl_divergence=0.0,
-            accepted=False,
-            surrogate_improvement=0.0,
-            expected_improvement=0.0,
-            line_search_steps=0,
-            step_size=0.0,
-            cg_residual=math.nan,
-            entropy=old_entropy.mean().item(),
-        )
+        return PolicyStepResult.unchanged(old_objective, 0, math.nan, old_entropy.mean().item())
 
     def _rollout_batch(self) -> RolloutBatch:
         """The whole rollout buffer as one batch (SB3 computed GAE advantages and returns at collection)."""
@@ -466,17 +471,7 @@ class TRPO(OnPolicyAlgorithm):
                 cg_residual=cg_residual,
                 entropy=_entropy(candidates[-1]).mean().item(),
             )
-        return PolicyStepResult(
-            policy_objective=old_objective,
-            kl_divergence=0.0,
-            accepted=False,
-            surrogate_improvement=0.0,
-            expected_improvement=0.0,
-            line_search_steps=search.n_backtracks,
-            step_size=0.0,
-            cg_residual=cg_residual,
-            entropy=old_entropy.mean().item(),
-        )
+        return PolicyStepResult.unchanged(old_objective, search.n_backtracks, cg_residual, old_entropy.mean().item())
 
     def _critic_step(self, actor: ActorView, batch: RolloutBatch) -> float:
         """``n_critic_updates`` epochs of minibatch regression of the value function on the returns.
