@@ -46,6 +46,15 @@ class NonFiniteRolloutError(ValueError):
     """The rollout holds NaN or infinite values, so no update can be computed from it."""
 
 
+def _non_finite_rollout(what: str, count: int) -> NonFiniteRolloutError:
+    return NonFiniteRolloutError(
+        f"The rollout contains non-finite {what} ({count} NaN or infinite values), so no update was made: the "
+        "model is unchanged and can still be saved. Wrap the environment in "
+        "stable_baselines3.common.vec_env.VecCheckNan(env, raise_exception=True) to find the step that produces "
+        "them (or in VecNormalize to tame very large rewards or observations)."
+    )
+
+
 def _count_non_finite(values: np.ndarray | th.Tensor) -> int:
     if isinstance(values, th.Tensor):
         return 0 if not values.is_floating_point() else int((~th.isfinite(values)).sum())
@@ -300,13 +309,8 @@ class TRPO(OnPolicyAlgorithm):
         except ValueError as error:
             last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
             count = sum(_count_non_finite(np.asarray(o)) for o in last)
-            if count:
-                raise NonFiniteRolloutError(
-                    f"The environment returned non-finite observations ({count} NaN or infinite values), so the policy "
-                    "cannot act on them; the model is unchanged and can still be saved. Wrap the environment in "
-                    "stable_baselines3.common.vec_env.VecCheckNan(env, raise_exception=True) to find the step that "
-                    "produces them."
-                ) from error
+            if count:  # the policy could not act on them: say so instead of quoting the distribution's complaint
+                raise _non_finite_rollout("observations", count) from error
             raise
 
     def _check_rollout_is_finite(self) -> None:
@@ -326,12 +330,7 @@ class TRPO(OnPolicyAlgorithm):
         }
         for what, count in checks.items():
             if count:
-                raise NonFiniteRolloutError(
-                    f"The rollout contains non-finite {what} ({count} NaN or infinite values), so no update was made: "
-                    "the model is unchanged and can still be saved. Wrap the environment in "
-                    "stable_baselines3.common.vec_env.VecCheckNan(env, raise_exception=True) to find the step that "
-                    "produces them (or VecNormalize to tame very large rewards or observations)."
-                )
+                raise _non_finite_rollout(what, count)
 
     def _skip_policy_step(self, reason: str, old_objective: float, old_entropy: th.Tensor) -> PolicyStepResult:
         """Keep the old policy because a numerical fault made the step meaningless; warn and count it."""
