@@ -82,9 +82,21 @@ def _versions() -> dict[str, str]:
     }
 
 
-def run_one(env_id: str, implementation: str, seed: int, out: Path, timesteps: int | None = None) -> dict[str, Any]:
-    """Train and evaluate one (env, implementation, seed); skip it if its result exists."""
-    run_dir = out / env_id / implementation / f"seed{seed}"
+def run_one(
+    env_id: str,
+    implementation: str,
+    seed: int,
+    out: Path,
+    timesteps: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one (env, implementation, seed); skip it if its result exists.
+
+    ``overrides`` replace settings of this implementation only; the run is then stored and reported under
+    ``IMPLEMENTATION[key=value,...]``.
+    """
+    label = implementation + (f"[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else "")
+    run_dir = out / env_id / label / f"seed{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
@@ -101,6 +113,7 @@ def run_one(env_id: str, implementation: str, seed: int, out: Path, timesteps: i
         from sb3_contrib import TRPO  # type: ignore[assignment]
 
     setting = {**SETTINGS[env_id], "timesteps": timesteps or SETTINGS[env_id]["timesteps"]}
+    setting["kwargs"] = {**setting["kwargs"], **(overrides or {})}
     run_dir.mkdir(parents=True, exist_ok=True)
     env = make_vec_env(env_id, n_envs=setting["n_envs"], seed=seed)
     eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
@@ -130,14 +143,14 @@ def run_one(env_id: str, implementation: str, seed: int, out: Path, timesteps: i
     )
     model = TRPO("MlpPolicy", env, seed=seed, tensorboard_log=str(run_dir / "tb"), **setting["kwargs"])
     start = time.perf_counter()
-    model.learn(setting["timesteps"], callback=eval_callback, tb_log_name=implementation)
+    model.learn(setting["timesteps"], callback=eval_callback, tb_log_name=label)
     learn_seconds = time.perf_counter() - start
     train_seconds = learn_seconds - eval_callback.seconds
     sync_envs_normalization(env, eval_env)  # final evaluation with the final normalization statistics
     final_mean, final_std = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True)
     result = {
         "env": env_id,
-        "implementation": implementation,
+        "implementation": label,
         "seed": seed,
         "timesteps": setting["timesteps"],
         "final_return_mean": float(final_mean),
@@ -152,18 +165,31 @@ def run_one(env_id: str, implementation: str, seed: int, out: Path, timesteps: i
     return result
 
 
-def _run_job(job: tuple[str, str, int, str, int | None]) -> str:
-    env_id, implementation, seed, out, timesteps = job
-    result = run_one(env_id, implementation, seed, Path(out), timesteps)
+def _run_job(job: tuple[str, str, int, str, int | None, dict[str, Any] | None]) -> str:
+    env_id, implementation, seed, out, timesteps, overrides = job
+    result = run_one(env_id, implementation, seed, Path(out), timesteps, overrides)
     return (
-        f"{env_id} {implementation} seed {seed}: return {result['final_return_mean']:.1f}, "
+        f"{env_id} {result['implementation']} seed {seed}: return {result['final_return_mean']:.1f}, "
         f"{result['train_seconds']:.0f} s, {result['steps_per_second']:.0f} steps/s"
     )
 
 
-def run(envs: list[str], seeds: list[int], jobs: int, out: Path, timesteps: int | None = None) -> None:
+def run(
+    envs: list[str],
+    seeds: list[int],
+    jobs: int,
+    out: Path,
+    timesteps: int | None = None,
+    implementations: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> None:
     # the two implementations of one (env, seed) are next to each other, so with 2 jobs they run together
-    todo = [(env_id, impl, seed, str(out), timesteps) for env_id in envs for seed in seeds for impl in IMPLEMENTATIONS]
+    todo = [
+        (env_id, impl, seed, str(out), timesteps, overrides)
+        for env_id in envs
+        for seed in seeds
+        for impl in implementations or IMPLEMENTATIONS
+    ]
     if jobs == 1:
         for job in todo:
             print(_run_job(job), flush=True)
@@ -187,7 +213,11 @@ def report(out: Path) -> None:
     print("|---|---|---|---|---|---|---|")
     for env_id in envs:
         figure, axes = plt.subplots(figsize=(6, 4))
-        for implementation, color in zip(IMPLEMENTATIONS, ("tab:blue", "tab:orange"), strict=True):
+        labels = sorted(
+            {r["implementation"] for r in results if r["env"] == env_id}, key=lambda x: (x.split("[")[0] != "sb3_trpo", x)
+        )
+        colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+        for implementation, color in zip(labels, colors, strict=False):
             runs = [r for r in results if r["env"] == env_id and r["implementation"] == implementation]
             if not runs:
                 continue
@@ -229,11 +259,20 @@ def main() -> None:
     run_parser.add_argument("--jobs", type=int, default=1, help="processes in parallel (2: both implementations at once)")
     run_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     run_parser.add_argument("--timesteps", type=int, default=None, help="override the budget (quick checks only)")
+    run_parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    run_parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override settings (numbers), e.g. --implementations sb3_trpo --set target_kl=0.12",
+    )
     report_parser = sub.add_parser("report", help="results table and learning-curve PNGs")
     report_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.command == "run":
-        run(args.envs, args.seeds, args.jobs, args.out, args.timesteps)
+        overrides = {key: float(value) for key, value in (item.split("=", 1) for item in args.set)}
+        run(args.envs, args.seeds, args.jobs, args.out, args.timesteps, args.implementations, overrides or None)
     else:
         report(args.out)
 
