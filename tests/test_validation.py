@@ -63,16 +63,23 @@ def test_every_keyword_has_a_rule_and_bad_values_to_test_it():
     assert keywords == set(BAD_VALUES)
 
 
-@pytest.mark.parametrize(
-    ("name", "value"), [(name, value) for name, values in BAD_VALUES.items() for value in values], ids=repr
-)
+def cases(table: dict[str, list]) -> list:
+    """One pytest param per (keyword, value), with stable ids (a lambda's repr holds its address)."""
+    return [
+        pytest.param(name, value, id=f"{name}-{i}-{type(value).__name__}")
+        for name, values in table.items()
+        for i, value in enumerate(values)
+    ]
+
+
+@pytest.mark.parametrize(("name", "value"), cases(BAD_VALUES))
 def test_bad_value_is_refused_with_name_value_and_allowed_range(name, value):
     expected = f"{name}={value!r} is not allowed: {name} must be {RULES[name].allowed}."
     with pytest.raises(ValueError, match=re.escape(expected)):
         TRPO("MlpPolicy", RandomEnv(BOX_OBS, ACTION_SPACES["box"]), **{"n_steps": 16, "batch_size": 16, name: value})
 
 
-@pytest.mark.parametrize(("name", "value"), [(n, v) for n, values in GOOD_VALUES.items() for v in values], ids=repr)
+@pytest.mark.parametrize(("name", "value"), cases(GOOD_VALUES))
 def test_good_value_is_accepted(name, value, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     kwargs = {"n_steps": 16, "batch_size": 16, name: value}
