@@ -10,6 +10,11 @@ Candidates are evaluated with :func:`torch.func.functional_call`, which runs the
 change only in :meth:`ActorView.commit`.
 """
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import NamedTuple
 
 import torch as th
@@ -125,10 +130,38 @@ class ActorView:
         return output
 
     def commit(self, theta: th.Tensor) -> None:
-        """Write ``theta`` into the policy's actor parameters.
+        """Write ``theta`` into the policy's actor parameters, as one uninterruptible assignment.
+
+        A Ctrl-C (SIGINT) arriving during the write is held back until every parameter is written, so the
+        actor is never left half old, half new.
 
         :param theta: flat actor parameters
+        :raises ValueError: if ``theta`` is not finite (the policy is left untouched)
         """
-        with th.no_grad():
-            for param, chunk in zip(self.parameters, th.split(theta, self.numels), strict=True):
-                param.copy_(chunk.view_as(param))
+        if not bool(th.isfinite(theta).all()):
+            raise ValueError("Refusing to write non-finite values into the actor parameters; the policy is unchanged.")
+        chunks = [chunk.view_as(param) for param, chunk in zip(self.parameters, th.split(theta, self.numels), strict=True)]
+        with interrupts_deferred(), th.no_grad():
+            for param, chunk in zip(self.parameters, chunks, strict=True):
+                param.copy_(chunk)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT (KeyboardInterrupt) until the block is done, then deliver it.
+
+    Only the main thread receives signals in Python; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[int, FrameType | None]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):  # Python's default handler raises KeyboardInterrupt here
+            previous(*received[0])
+        elif received and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt

@@ -20,12 +20,15 @@ class CGResult(NamedTuple):
     :param a_x: ``A x``, accumulated along the iteration (so the caller needs no extra product)
     :param residual_norm: ``||b - A x||`` as tracked by the iteration
     :param n_iterations: matrix-vector products used
+    :param breakdown: the curvature ``pᵀAp`` that stopped the iteration when it was not positive and finite
+        (``None`` if the iteration ended normally)
     """
 
     x: th.Tensor
     a_x: th.Tensor
     residual_norm: float
     n_iterations: int
+    breakdown: float | None = None
 
 
 def conjugate_gradient(
@@ -52,11 +55,13 @@ def conjugate_gradient(
     p = b.clone()
     r_dot_r = float(r @ r)
     n_iterations = 0
+    breakdown = None
     while n_iterations < max_iter and r_dot_r > residual_tol:
         a_p = matvec(p)
         n_iterations += 1
         curvature = float(p @ a_p)
         if not math.isfinite(curvature) or curvature <= 0.0:
+            breakdown = curvature
             break
         alpha = r_dot_r / curvature
         x = x + alpha * p
@@ -65,9 +70,8 @@ def conjugate_gradient(
         new_r_dot_r = float(r @ r)
         p = r + (new_r_dot_r / r_dot_r) * p
         r_dot_r = new_r_dot_r
-    return CGResult(
-        x=x, a_x=a_x, residual_norm=math.sqrt(r_dot_r) if math.isfinite(r_dot_r) else math.inf, n_iterations=n_iterations
-    )
+    residual_norm = math.sqrt(r_dot_r) if math.isfinite(r_dot_r) else math.inf
+    return CGResult(x=x, a_x=a_x, residual_norm=residual_norm, n_iterations=n_iterations, breakdown=breakdown)
 
 
 def max_step_size(direction: th.Tensor, matvec_direction: th.Tensor, max_kl: float) -> float:

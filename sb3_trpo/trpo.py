@@ -1,53 +1,34 @@
 """Trust Region Policy Optimization as an SB3 on-policy algorithm."""
 
+import io
+import math
+import os
+import pathlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo.actor import ActorView, PolicyEvaluation
+from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.distributions import kl_divergence
 from sb3_trpo.fisher import JacobianFisherProduct
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
+from sb3_trpo.validation import check_against_spaces, check_arguments, check_spaces
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
-
-SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)
-SUPPORTED_LEAF_OBSERVATION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
-
-
-def _space_names(space_types: tuple[type[spaces.Space], ...]) -> str:
-    return ", ".join(t.__name__ for t in space_types)
-
-
-def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
-    """Refuse spaces TRPO cannot handle, saying which ones it can.
-
-    :param observation_space: the environment's observation space
-    :param action_space: the environment's action space
-    :raises ValueError: for an unsupported space
-    """
-    if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
-        raise ValueError(
-            f"TRPO does not support the action space {action_space}: "
-            f"allowed action spaces are {_space_names(SUPPORTED_ACTION_SPACES)}."
-        )
-    leaves = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
-    for leaf in leaves:
-        if not isinstance(leaf, SUPPORTED_LEAF_OBSERVATION_SPACES):
-            raise ValueError(
-                f"TRPO does not support the observation space {observation_space}: allowed observation spaces are "
-                f"{_space_names(SUPPORTED_LEAF_OBSERVATION_SPACES)}, or a Dict of those (not nested)."
-            )
 
 
 def index_obs(obs: PyTorchObs, idx: slice | th.Tensor) -> PyTorchObs:
@@ -59,6 +40,25 @@ def index_obs(obs: PyTorchObs, idx: slice | th.Tensor) -> PyTorchObs:
     if isinstance(obs, dict):
         return {key: value[idx] for key, value in obs.items()}
     return obs[idx]
+
+
+class NonFiniteRolloutError(ValueError):
+    """The rollout holds NaN or infinite values, so no update can be computed from it."""
+
+
+def _non_finite_rollout(what: str, count: int) -> NonFiniteRolloutError:
+    return NonFiniteRolloutError(
+        f"The rollout contains non-finite {what} ({count} NaN or infinite values), so no update was made: the "
+        "model is unchanged and can still be saved. Wrap the environment in "
+        "stable_baselines3.common.vec_env.VecCheckNan(env, raise_exception=True) to find the step that produces "
+        "them (or in VecNormalize to tame very large rewards or observations)."
+    )
+
+
+def _count_non_finite(values: np.ndarray | th.Tensor) -> int:
+    if isinstance(values, th.Tensor):
+        return 0 if not values.is_floating_point() else int((~th.isfinite(values)).sum())
+    return 0 if not np.issubdtype(values.dtype, np.floating) else int((~np.isfinite(values)).sum())
 
 
 class RolloutBatch(NamedTuple):
@@ -101,6 +101,21 @@ class PolicyStepResult(NamedTuple):
     step_size: float
     cg_residual: float
     entropy: float
+
+    @classmethod
+    def unchanged(cls, objective: float, line_search_steps: int, cg_residual: float, entropy: float) -> "PolicyStepResult":
+        """The diagnostics of a step that kept the old policy."""
+        return cls(
+            policy_objective=objective,
+            kl_divergence=0.0,
+            accepted=False,
+            surrogate_improvement=0.0,
+            expected_improvement=0.0,
+            line_search_steps=line_search_steps,
+            step_size=0.0,
+            cg_residual=cg_residual,
+            entropy=entropy,
+        )
 
 
 class TRPO(OnPolicyAlgorithm):
@@ -190,6 +205,11 @@ class TRPO(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
+        # every keyword is checked before SB3 uses any of them (locals() holds exactly the arguments here)
+        check_arguments(locals())
+        # numpy scalars pass the checks; SB3's schedule and seeding want plain Python numbers
+        learning_rate = learning_rate if callable(learning_rate) else float(learning_rate)
+        seed = None if seed is None else int(seed)
         if not isinstance(env, str) and env is not None:
             # checked before SB3 wraps the env, which fails on some unsupported spaces with a less helpful message
             check_spaces(env.observation_space, env.action_space)
@@ -226,49 +246,33 @@ class TRPO(OnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
         self._actor_view: ActorView | None = None
+        # updates whose policy or critic step a numerical fault made TRPO skip (saved with the model)
+        self._skipped_policy_steps = 0
+        self._skipped_critic_steps = 0
         if isinstance(env, str):  # an env made by SB3 from its id: its spaces are known only now
             check_spaces(self.observation_space, self.action_space)
-        self._check_arguments()
+        if self.env is not None:
+            check_against_spaces(self.observation_space, rollout_buffer_class)
+            self._check_rollout_size()
         if _init_setup_model:
             self._setup_model()
 
-    def _check_arguments(self) -> None:
-        """Refuse arguments that would make the update meaningless or numerically broken."""
-        checks: list[tuple[str, Any, bool, str]] = [
-            ("n_steps", self.n_steps, self.n_steps >= 1, "an integer >= 1"),
-            ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
-            ("gamma", self.gamma, 0.0 <= self.gamma <= 1.0, "in [0, 1]"),
-            ("gae_lambda", self.gae_lambda, 0.0 <= self.gae_lambda <= 1.0, "in [0, 1]"),
-            ("cg_max_steps", self.cg_max_steps, self.cg_max_steps >= 1, "an integer >= 1"),
-            ("cg_damping", self.cg_damping, self.cg_damping >= 0.0, ">= 0"),
-            (
-                "line_search_shrinking_factor",
-                self.line_search_shrinking_factor,
-                0.0 < self.line_search_shrinking_factor < 1.0,
-                "in (0, 1)",
-            ),
-            ("line_search_max_iter", self.line_search_max_iter, self.line_search_max_iter >= 1, "an integer >= 1"),
-            ("n_critic_updates", self.n_critic_updates, self.n_critic_updates >= 0, "an integer >= 0"),
-            ("target_kl", self.target_kl, self.target_kl > 0.0, "> 0"),
-            ("sub_sampling_factor", self.sub_sampling_factor, self.sub_sampling_factor >= 1, "an integer >= 1"),
-        ]
-        for name, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}.")
-        if self.env is not None:
-            buffer_size = self.env.num_envs * self.n_steps
-            if self.normalize_advantage and buffer_size <= 1:
-                raise ValueError(
-                    f"n_steps * n_envs = {self.n_steps} * {self.env.num_envs} = {buffer_size}: with "
-                    "normalize_advantage=True the rollout must hold at least 2 samples (the std of one is undefined)."
-                )
-            if buffer_size % self.batch_size > 0:
-                warnings.warn(
-                    f"The critic's minibatch size {self.batch_size} does not divide the rollout size "
-                    f"n_steps * n_envs = {buffer_size}: every epoch ends with a truncated minibatch of "
-                    f"{buffer_size % self.batch_size} samples. A batch_size that divides {buffer_size} avoids it.",
-                    stacklevel=3,
-                )
+    def _check_rollout_size(self) -> None:
+        """Refuse a rollout too small to normalize, and warn about a truncated last minibatch."""
+        assert self.env is not None
+        buffer_size = self.env.num_envs * self.n_steps
+        if self.normalize_advantage and buffer_size <= 1:
+            raise ValueError(
+                f"n_steps * n_envs = {self.n_steps} * {self.env.num_envs} = {buffer_size}: with "
+                "normalize_advantage=True the rollout must hold at least 2 samples (the std of one is undefined)."
+            )
+        if buffer_size % self.batch_size > 0:
+            warnings.warn(
+                f"The critic's minibatch size {self.batch_size} does not divide the rollout size "
+                f"n_steps * n_envs = {buffer_size}: every epoch ends with a truncated minibatch of "
+                f"{buffer_size % self.batch_size} samples. A batch_size that divides {buffer_size} avoids it.",
+                stacklevel=3,
+            )
 
     def _setup_model(self) -> None:
         if (
@@ -291,6 +295,54 @@ class TRPO(OnPolicyAlgorithm):
             self._actor_view = ActorView(self.policy, index_obs(obs, slice(0, 2)))
         return self._actor_view
 
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """SB3's collection, with a clear error when the environment returns non-finite observations (the policy's
+        distribution would refuse them with a message about its own parameters)."""
+        try:
+            return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        except ValueError as error:
+            last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
+            count = sum(_count_non_finite(np.asarray(o)) for o in last)
+            if count:  # the policy could not act on them: say so instead of quoting the distribution's complaint
+                raise _non_finite_rollout("observations", count) from error
+            raise
+
+    def _check_rollout_is_finite(self) -> None:
+        """Refuse to learn from NaN or infinite observations, rewards, values or advantages.
+
+        They come from the environment (or a wrapper), not from TRPO: failing loudly points the user at them,
+        and the model is left exactly as it was, so it can still be saved.
+        """
+        buffer = self.rollout_buffer
+        observations = buffer.observations.values() if isinstance(buffer.observations, dict) else [buffer.observations]
+        checks = {
+            "observations": sum(_count_non_finite(o) for o in observations),
+            "rewards": _count_non_finite(buffer.rewards),
+            "value predictions": _count_non_finite(buffer.values),
+            "advantages or returns (computed from rewards and values)": _count_non_finite(buffer.advantages)
+            + _count_non_finite(buffer.returns),
+        }
+        for what, count in checks.items():
+            if count:
+                raise _non_finite_rollout(what, count)
+
+    def _skip_policy_step(self, reason: str, old_objective: float, old_entropy: th.Tensor) -> PolicyStepResult:
+        """Keep the old policy because a numerical fault made the step meaningless; warn and count it."""
+        self._skipped_policy_steps += 1
+        warnings.warn(
+            f"TRPO skipped the policy step of update {self._n_updates + 1}: {reason}. The policy is unchanged "
+            f"({self._skipped_policy_steps} policy steps skipped so far, logged as train/skipped_policy_steps).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return PolicyStepResult.unchanged(old_objective, 0, math.nan, old_entropy.mean().item())
+
     def _rollout_batch(self) -> RolloutBatch:
         """The whole rollout buffer as one batch (SB3 computed GAE advantages and returns at collection)."""
         data = next(self.rollout_buffer.get(batch_size=None))
@@ -308,12 +360,15 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         # the learning rate schedule drives the critic's optimizer only
         self._update_learning_rate(self.policy.optimizer)
+        self._check_rollout_is_finite()
         batch = self._rollout_batch()
         actor = self._get_actor_view(batch.observations)
 
         step = self._policy_step(actor, batch)
         value_loss = self._critic_step(actor, batch)
         self._n_updates += 1
+        self.logger.record("train/skipped_policy_steps", self._skipped_policy_steps)
+        self.logger.record("train/skipped_critic_steps", self._skipped_critic_steps)
 
         self.logger.record("train/policy_objective", step.policy_objective)
         self.logger.record("train/kl_divergence_loss", step.kl_divergence)
@@ -353,6 +408,8 @@ class TRPO(OnPolicyAlgorithm):
         old_params = current.params.detach()
         old_objective = objective.item()
         old_entropy = _entropy(current)
+        if not math.isfinite(old_objective) or not bool(th.isfinite(gradient).all()):
+            return self._skip_policy_step("the surrogate or its gradient is not finite", old_objective, old_entropy)
 
         # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g. With sub-sampling, F is estimated on every k-th state
         # only ("cheap Fisher", Schulman's thesis pp. 40-42), from a forward pass on those states.
@@ -369,7 +426,18 @@ class TRPO(OnPolicyAlgorithm):
         cg_residual = cg.residual_norm / gradient_norm if gradient_norm > 0 else 0.0
 
         # 3. largest step whose quadratic KL model reaches the trust-region radius
+        if cg.breakdown is not None and not math.isfinite(cg.breakdown):
+            return self._skip_policy_step(
+                f"the Fisher-vector product is not finite (pᵀ(F + λI)p = {cg.breakdown})", old_objective, old_entropy
+            )
+        if not bool(th.isfinite(cg.x).all()) or not bool(th.isfinite(cg.a_x).all()):
+            return self._skip_policy_step("the conjugate-gradient solution is not finite", old_objective, old_entropy)
         max_step = max_step_size(cg.x, cg.a_x, self.target_kl)
+        if max_step == 0.0 and gradient_norm > 0:
+            curvature = float(cg.x @ cg.a_x)
+            return self._skip_policy_step(
+                f"the curvature xᵀ(F + λI)x = {curvature:.3g} is not positive and finite", old_objective, old_entropy
+            )
 
         # 4. backtracking line search on the real surrogate and KL (on the whole batch)
         candidates: list[PolicyEvaluation] = []  # the search stops at the accepted one: it is the last
@@ -402,17 +470,7 @@ class TRPO(OnPolicyAlgorithm):
                 cg_residual=cg_residual,
                 entropy=_entropy(candidates[-1]).mean().item(),
             )
-        return PolicyStepResult(
-            policy_objective=old_objective,
-            kl_divergence=0.0,
-            accepted=False,
-            surrogate_improvement=0.0,
-            expected_improvement=0.0,
-            line_search_steps=search.n_backtracks,
-            step_size=0.0,
-            cg_residual=cg_residual,
-            entropy=old_entropy.mean().item(),
-        )
+        return PolicyStepResult.unchanged(old_objective, search.n_backtracks, cg_residual, old_entropy.mean().item())
 
     def _critic_step(self, actor: ActorView, batch: RolloutBatch) -> float:
         """``n_critic_updates`` epochs of minibatch regression of the value function on the returns.
@@ -433,6 +491,7 @@ class TRPO(OnPolicyAlgorithm):
             )
         inputs, predict_values = self._value_inputs(batch.observations, actor_ids)
         optimizer = self.policy.optimizer
+        snapshot = _CriticSnapshot(critic_params, optimizer)
         # the actor's gradients stay None for the whole step, so the optimizer leaves the actor alone
         optimizer.zero_grad(set_to_none=True)
         n_samples = len(batch.returns)
@@ -449,7 +508,20 @@ class TRPO(OnPolicyAlgorithm):
                     param.grad = grad
                 optimizer.step()
                 losses.append(loss.detach())
-        return th.stack(losses).mean().item()
+        mean_loss = th.stack(losses).mean().item()
+        if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in critic_params):
+            # a diverging regression (e.g. a learning rate far too large): undo the whole critic step
+            snapshot.restore()
+            self._skipped_critic_steps += 1
+            warnings.warn(
+                f"TRPO undid the critic step of update {self._n_updates + 1}: the value loss or the critic's parameters "
+                "became non-finite (is learning_rate too large?). The critic and its optimizer are back to their state "
+                f"before the step ({self._skipped_critic_steps} critic steps undone so far, logged as "
+                "train/skipped_critic_steps).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return mean_loss
 
     def _value_inputs(self, obs: PyTorchObs, actor_ids: set[int]) -> tuple[PyTorchObs, Callable[[PyTorchObs], th.Tensor]]:
         """What the critic step regresses from, and how values are computed from a minibatch of it.
@@ -468,6 +540,51 @@ class TRPO(OnPolicyAlgorithm):
             return features, lambda x: policy.value_net(policy.mlp_extractor.forward_critic(x)).flatten()
         return obs, lambda x: policy.predict_values(x).flatten()
 
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """Save the model as SB3 does, but atomically when ``path`` is a file path: the model is written to a
+        temporary file and renamed over ``path``, so an interrupted save never leaves a truncated checkpoint.
+
+        :param path: where to save (``.zip`` is appended when it has no suffix), or a binary file object
+        :param exclude: names of attributes not to save, in addition to the default ones
+        :param include: names of attributes to save even if excluded by default
+        """
+        if isinstance(path, (str, os.PathLike)) and not resolve_save_path(path).is_dir():
+            save_atomically(path, lambda file: super(TRPO, self).save(file, exclude=exclude, include=include))
+        else:
+            super().save(path, exclude=exclude, include=include)
+
+    @classmethod
+    def load(
+        cls: type[SelfTRPO],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfTRPO:
+        """Load a model saved by ``sb3_trpo.TRPO`` or by ``sb3_contrib.TRPO`` (same format, same policies).
+
+        The file is checked first: a truncated or damaged file raises a ``ValueError`` saying so.
+        Other arguments as in SB3's ``BaseAlgorithm.load``.
+        """
+        check_model_file(path)
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
+        )
+
     def learn(
         self: SelfTRPO,
         total_timesteps: int,
@@ -485,6 +602,30 @@ class TRPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+
+class _CriticSnapshot:
+    """A copy of the critic's parameters and of their optimizer state, to undo a failed critic step."""
+
+    def __init__(self, params: list[th.nn.Parameter], optimizer: th.optim.Optimizer) -> None:
+        self._params = params
+        self._optimizer = optimizer
+        self._values = [p.detach().clone() for p in params]
+        self._state = {
+            p: {k: v.clone() if isinstance(v, th.Tensor) else v for k, v in optimizer.state[p].items()}
+            for p in params
+            if p in optimizer.state
+        }
+
+    def restore(self) -> None:
+        with th.no_grad():
+            for param, value in zip(self._params, self._values, strict=True):
+                param.copy_(value)
+        for param in self._params:
+            if param in self._state:
+                self._optimizer.state[param] = self._state[param]
+            else:
+                self._optimizer.state.pop(param, None)
 
 
 def _entropy(evaluation: PolicyEvaluation) -> th.Tensor:

@@ -99,6 +99,11 @@ def test_conjugate_gradient_stops_on_non_positive_curvature():
     result = conjugate_gradient(lambda v: a @ v, th.ones(3, dtype=th.float64), max_iter=10)
     assert result.n_iterations == 1
     assert th.count_nonzero(result.x) == 0
+    assert result.breakdown == pytest.approx(-3.0)
+    nan = conjugate_gradient(lambda v: v * float("nan"), th.ones(3, dtype=th.float64), max_iter=10)
+    assert nan.breakdown is not None
+    assert math.isnan(nan.breakdown)
+    assert conjugate_gradient(lambda v: 2 * v, th.ones(3, dtype=th.float64)).breakdown is None
 
 
 def test_max_step_size_reaches_trust_region_radius():

@@ -1,0 +1,175 @@
+"""Checks of TRPO's constructor arguments, each failing with a message that names the argument, its value and
+what is allowed.
+
+The rules are data (:data:`RULES`), so every keyword is checked the same way and a new keyword gets a rule next
+to the others instead of an ``if`` somewhere in ``__init__``.
+"""
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+
+
+def is_int(value: Any) -> bool:
+    """:return: whether ``value`` is an integer (numpy integers included, booleans excluded)"""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """:return: whether ``value`` is a finite real number (booleans excluded)"""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and (math.isfinite(float(value)))
+    )
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: is_int(v) and v >= low), f"an integer >= {low}"
+
+
+def _real_in(low: float, high: float, closed_low: bool = True, closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
+    def check(v: Any) -> bool:
+        if not is_real(v):
+            return False
+        above = v >= low if closed_low else v > low
+        below = v <= high if closed_high else v < high
+        return above and below
+
+    left, right = "[" if closed_low else "(", "]" if closed_high else ")"
+    high_text = "inf" if math.isinf(high) else f"{high:g}"
+    return check, f"a finite number in {left}{low:g}, {high_text}{right}"
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, (bool, np.bool_))
+
+
+def _valid_learning_rate(v: Any) -> bool:
+    if callable(v):
+        try:
+            values = [float(v(progress)) for progress in (1.0, 0.5, 0.0)]
+        except Exception:  # any failure of the user's schedule makes it invalid
+            return False
+        return all(math.isfinite(x) and x >= 0 for x in values) and values[0] > 0
+    return is_real(v) and v > 0
+
+
+def _valid_device(v: Any) -> bool:
+    if isinstance(v, th.device):
+        return True
+    if not isinstance(v, str):
+        return False
+    if v == "auto":
+        return True
+    try:
+        th.device(v)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _valid_buffer_class(v: Any) -> bool:
+    return v is None or (isinstance(v, type) and issubclass(v, RolloutBuffer))
+
+
+SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)
+SUPPORTED_LEAF_OBSERVATION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+def _space_names(space_types: tuple[type[spaces.Space], ...]) -> str:
+    return ", ".join(t.__name__ for t in space_types)
+
+
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    """Refuse spaces TRPO cannot handle, saying which ones it can.
+
+    :param observation_space: the environment's observation space
+    :param action_space: the environment's action space
+    :raises ValueError: for an unsupported space
+    """
+    if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
+        raise ValueError(
+            f"TRPO does not support the action space {action_space}: "
+            f"allowed action spaces are {_space_names(SUPPORTED_ACTION_SPACES)}."
+        )
+    leaves = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+    for leaf in leaves:
+        if not isinstance(leaf, SUPPORTED_LEAF_OBSERVATION_SPACES):
+            raise ValueError(
+                f"TRPO does not support the observation space {observation_space}: allowed observation spaces are "
+                f"{_space_names(SUPPORTED_LEAF_OBSERVATION_SPACES)}, or a Dict of those (not nested)."
+            )
+
+
+class Rule(NamedTuple):
+    """A constraint on one constructor argument.
+
+    :param check: ``value -> bool``, true when the value is allowed
+    :param allowed: what is allowed, in words, for the error message
+    """
+
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+RULES: dict[str, Rule] = {
+    "learning_rate": Rule(
+        _valid_learning_rate,
+        "a finite number > 0, or a schedule (progress 1 -> 0) whose values are finite, >= 0, and > 0 at the start",
+    ),
+    "n_steps": Rule(*_int_at_least(1)),
+    "batch_size": Rule(*_int_at_least(1)),
+    "gamma": Rule(*_real_in(0.0, 1.0)),
+    "cg_max_steps": Rule(*_int_at_least(1)),
+    "cg_damping": Rule(*_real_in(0.0, math.inf, closed_high=False)),
+    "line_search_shrinking_factor": Rule(*_real_in(0.0, 1.0, closed_low=False, closed_high=False)),
+    "line_search_max_iter": Rule(*_int_at_least(1)),
+    "n_critic_updates": Rule(*_int_at_least(0)),
+    "gae_lambda": Rule(*_real_in(0.0, 1.0)),
+    "use_sde": Rule(_is_bool, "True or False"),
+    "sde_sample_freq": Rule(*_int_at_least(-1)),
+    "rollout_buffer_class": Rule(_valid_buffer_class, "None or a subclass of stable_baselines3's RolloutBuffer"),
+    "rollout_buffer_kwargs": Rule(lambda v: v is None or isinstance(v, dict), "None or a dict"),
+    "normalize_advantage": Rule(_is_bool, "True or False"),
+    "target_kl": Rule(*_real_in(0.0, math.inf, closed_low=False, closed_high=False)),
+    "sub_sampling_factor": Rule(*_int_at_least(1)),
+    "stats_window_size": Rule(*_int_at_least(1)),
+    "tensorboard_log": Rule(lambda v: v is None or isinstance(v, (str, os.PathLike)), "None or a folder path"),
+    "policy_kwargs": Rule(lambda v: v is None or isinstance(v, dict), "None or a dict"),
+    "verbose": Rule(lambda v: is_int(v) and v in (0, 1, 2), "0, 1 or 2"),
+    "seed": Rule(lambda v: v is None or (is_int(v) and 0 <= v < 2**32), "None or an integer in [0, 2**32 - 1]"),
+    "device": Rule(_valid_device, '"auto", a torch device name such as "cpu" or "cuda:0", or a torch.device'),
+}
+
+
+def check_arguments(arguments: dict[str, Any]) -> None:
+    """Check every argument that has a rule.
+
+    :param arguments: constructor arguments by name
+    :raises ValueError: naming the first argument that breaks its rule, its value and what is allowed
+    """
+    for name, rule in RULES.items():
+        if name in arguments and not rule.check(arguments[name]):
+            raise ValueError(f"{name}={arguments[name]!r} is not allowed: {name} must be {rule.allowed}.")
+
+
+def check_against_spaces(observation_space: spaces.Space, rollout_buffer_class: type[RolloutBuffer] | None) -> None:
+    """Checks that depend on the environment's spaces (SB3 itself refuses gSDE without Box actions).
+
+    :raises ValueError: for a rollout buffer that cannot hold the observations
+    """
+    if rollout_buffer_class is not None:
+        is_dict_buffer = issubclass(rollout_buffer_class, DictRolloutBuffer)
+        if isinstance(observation_space, spaces.Dict) != is_dict_buffer:
+            needed = "a DictRolloutBuffer" if isinstance(observation_space, spaces.Dict) else "a non-Dict RolloutBuffer"
+            raise ValueError(
+                f"rollout_buffer_class={rollout_buffer_class.__name__} is not allowed with the observation space "
+                f"{observation_space}: it needs {needed} (or None to choose automatically)."
+            )
