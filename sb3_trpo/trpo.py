@@ -5,7 +5,7 @@ import math
 import os
 import pathlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
@@ -13,15 +13,26 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 from torch.nn import functional as F
 
 from sb3_trpo.actor import ActorView, PolicyEvaluation
 from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
+from sb3_trpo.distributed import (
+    Distributed,
+    Replica,
+    broadcast_running_stats,
+    join_process_group,
+    launched_by_torchrun,
+    local_rank,
+    synchronize_running_stats,
+)
 from sb3_trpo.distributions import kl_divergence
 from sb3_trpo.fisher import JacobianFisherProduct
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -159,6 +170,12 @@ class TRPO(OnPolicyAlgorithm):
         > 0. Default ``0.01``.
     :param sub_sampling_factor: Compute the Fisher-vector products on every k-th sample only (the gradient and
         the line search still use the whole rollout), >= 1; see Schulman's thesis, pp. 40-42. Default ``1``.
+    :param distributed: Data-parallel training over ``torch.distributed`` (launch the script with ``torchrun``):
+        every rank collects its own rollouts and all ranks take the same update, computed from the means over
+        ranks of the gradient, Fisher products, line-search values, advantage statistics and critic gradients.
+        ``True`` requires a launcher environment or an initialized process group; ``"auto"`` uses one if present
+        and runs as a single process otherwise; ``False`` (default) never does. ``learn(total_timesteps)`` then
+        counts the samples of all ranks; only rank 0 logs and saves. See the README's "Distributed training".
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
         the reported success rate, mean episode length, and mean reward over. Default ``100``.
     :param tensorboard_log: The log location for TensorBoard (if None, no logging).
@@ -197,6 +214,7 @@ class TRPO(OnPolicyAlgorithm):
         normalize_advantage: bool = True,
         target_kl: float = 0.01,
         sub_sampling_factor: int = 1,
+        distributed: Distributed = False,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -245,6 +263,11 @@ class TRPO(OnPolicyAlgorithm):
         self.normalize_advantage = normalize_advantage
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
+        self.distributed = distributed
+        # this process's place in data-parallel training (world size 1 until _setup_model joins a process group)
+        self._replica = Replica.alone()
+        # VecNormalize's statistics as all ranks last agreed on them (see _synchronize_running_stats)
+        self._agreed_running_stats: list[np.ndarray] = []
         self._actor_view: ActorView | None = None
         # updates whose policy or critic step a numerical fault made TRPO skip (saved with the model)
         self._skipped_policy_steps = 0
@@ -275,6 +298,18 @@ class TRPO(OnPolicyAlgorithm):
             )
 
     def _setup_model(self) -> None:
+        # `distributed` may come from TRPO.load's keyword arguments, which skip the constructor's checks
+        check_arguments({"distributed": self.distributed})
+        if (
+            self.distributed is not False
+            and self.device.type == "cuda"
+            and self.device.index is None
+            and launched_by_torchrun()
+        ):
+            # one GPU per process on a machine: torchrun's LOCAL_RANK picks it
+            self.device = th.device("cuda", local_rank())
+            th.cuda.set_device(self.device)
+        self._replica = join_process_group(self.distributed, self.device)
         if (
             "optimizer_kwargs" not in self.policy_kwargs
             and self.policy_kwargs.get("optimizer_class", th.optim.Adam) is th.optim.Adam
@@ -284,10 +319,27 @@ class TRPO(OnPolicyAlgorithm):
             # hundreds of small optimizer steps per update, and the fused one is about 3x cheaper per step
             self.policy_kwargs = {**self.policy_kwargs, "optimizer_kwargs": {"eps": 1e-5, "fused": True}}
         super()._setup_model()
+        # every rank starts from rank 0's initial parameters
+        self._replica.broadcast_tensors(self.policy.state_dict().values())
+
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """Seed the random generators as SB3 does; in data-parallel training, each rank differently.
+
+        Rank ``r`` uses ``seed + r * n_envs``, so its environments get seeds disjoint from every other rank's (SB3
+        seeds environment ``i`` with ``seed + i``), and its exploration noise differs too. The parameters are the
+        same on every rank regardless: rank 0's are broadcast.
+
+        :param seed: the seed (``None``: leave the generators as they are)
+        """
+        if seed is not None and self._replica.is_distributed:
+            seed = (seed + self._replica.rank * self.n_envs) % 2**32
+        super().set_random_seed(seed)
 
     def _excluded_save_params(self) -> list[str]:
         # the actor view holds references to the policy: it is rebuilt at the first update after loading
-        return [*super()._excluded_save_params(), "_actor_view"]
+        # a checkpoint is an ordinary single-process model: the process-group context and the flag that joins one
+        # are not saved (pass distributed=... to TRPO.load to train the loaded model in parallel)
+        return [*super()._excluded_save_params(), "_actor_view", "distributed", "_replica", "_agreed_running_stats"]
 
     def _get_actor_view(self, obs: PyTorchObs) -> ActorView:
         """The flat view of the actor parameters, rebuilt if the policy or its modules were replaced."""
@@ -303,15 +355,84 @@ class TRPO(OnPolicyAlgorithm):
         n_rollout_steps: int,
     ) -> bool:
         """SB3's collection, with a clear error when the environment returns non-finite observations (the policy's
-        distribution would refuse them with a message about its own parameters)."""
+        distribution would refuse them with a message about its own parameters).
+
+        In data-parallel training, the ranks then agree: ``num_timesteps`` counts the samples of all ranks, training
+        goes on only if every rank's callbacks let it, and VecNormalize's statistics are merged.
+        """
+        timesteps_before = self.num_timesteps
         try:
-            return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+            continue_training = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         except ValueError as error:
             last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
             count = sum(_count_non_finite(np.asarray(o)) for o in last)
             if count:  # the policy could not act on them: say so instead of quoting the distribution's complaint
                 raise _non_finite_rollout("observations", count) from error
             raise
+        if not self._replica.is_distributed:
+            return continue_training
+        # one all-reduce: the global sample count, and how many ranks want to go on (a callback such as
+        # StopTrainingOnRewardThreshold may stop one rank; all must stop together or the others would wait forever)
+        steps, continuing = self._replica.sum_of_floats(
+            [self.num_timesteps - timesteps_before, float(continue_training)], self.device
+        )
+        self.num_timesteps = timesteps_before + int(steps)
+        if continuing < self._replica.world_size:
+            return False
+        self._synchronize_running_stats()
+        return True
+
+    def _running_stats(self) -> list[RunningMeanStd]:
+        """VecNormalize's running statistics (observations, then returns), if the env is normalized and training."""
+        vec_normalize = unwrap_vec_normalize(self.env) if self.env is not None else None
+        if vec_normalize is None or not vec_normalize.training:
+            return []
+        obs_rms = getattr(vec_normalize, "obs_rms", None)  # absent with norm_obs=False
+        obs_stats = (
+            [] if obs_rms is None else [obs_rms[k] for k in sorted(obs_rms)] if isinstance(obs_rms, dict) else [obs_rms]
+        )
+        return [*obs_stats, vec_normalize.ret_rms]
+
+    def _synchronize_running_stats(self) -> None:
+        """Merge every rank's VecNormalize updates of the last rollout, so all ranks normalize alike."""
+        stats = self._running_stats()
+        if stats and len(stats) == len(self._agreed_running_stats):
+            synchronize_running_stats(self._replica, stats, self._agreed_running_stats, self.device)
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        """SB3's set-up, and in data-parallel training: identical rollout sizes, rank 0's parameters and
+        VecNormalize statistics on every rank, and logs written by rank 0 only."""
+        replica = self._replica
+        if replica.is_distributed:
+            assert self.env is not None
+            rollout_size = self.n_steps * self.env.num_envs
+            if not replica.all_agree(rollout_size, self.device):
+                raise ValueError(
+                    f"Every rank must collect rollouts of the same size, but this rank's n_steps * n_envs = "
+                    f"{self.n_steps} * {self.env.num_envs} = {rollout_size} differs from another rank's: give every "
+                    "rank the same n_steps and number of environments."
+                )
+            # a loaded model, or parameters set by the user: rank 0's win, so every rank takes identical steps
+            replica.broadcast_tensors(self.policy.state_dict().values())
+            # before SB3 resets the env, which updates VecNormalize's statistics with this rank's first observations
+            self._agreed_running_stats = broadcast_running_stats(replica, self._running_stats(), self.device)
+        quiet = not replica.is_main and not self._custom_logger
+        if quiet:  # a logger without outputs: rank 0 alone writes stdout, CSV and TensorBoard
+            self.set_logger(Logger(folder=None, output_formats=[]))
+        try:
+            return super()._setup_learn(
+                total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar and replica.is_main
+            )
+        finally:
+            if quiet:  # the next learn() configures the logger again, as SB3 does
+                self._custom_logger = False
 
     def _check_rollout_is_finite(self) -> None:
         """Refuse to learn from NaN or infinite observations, rewards, values or advantages.
@@ -328,9 +449,11 @@ class TRPO(OnPolicyAlgorithm):
             "advantages or returns (computed from rewards and values)": _count_non_finite(buffer.advantages)
             + _count_non_finite(buffer.returns),
         }
-        for what, count in checks.items():
+        # summed over ranks, so that every rank raises (a rank left waiting in the next all-reduce would hang)
+        counts = self._replica.sum_of_floats(list(checks.values()), self.device)
+        for what, count in zip(checks, counts, strict=True):
             if count:
-                raise _non_finite_rollout(what, count)
+                raise _non_finite_rollout(what, int(count))
 
     def _skip_policy_step(self, reason: str, old_objective: float, old_entropy: th.Tensor) -> PolicyStepResult:
         """Keep the old policy because a numerical fault made the step meaningless; warn and count it."""
@@ -351,8 +474,10 @@ class TRPO(OnPolicyAlgorithm):
             # the buffer stores actions as floats of shape (n, 1); Categorical.log_prob wants indices (n,)
             actions = actions.long().flatten()
         advantages = data.advantages
-        if self.normalize_advantage and len(advantages) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        if self.normalize_advantage and len(advantages) * self._replica.world_size > 1:
+            # statistics of the global batch: per-rank normalization would weigh the ranks' advantages differently
+            mean, std = self._replica.mean_and_std(advantages)
+            advantages = (advantages - mean) / (std + 1e-8)
         return RolloutBatch(data.observations, actions, data.old_log_prob, advantages, data.returns)
 
     def train(self) -> None:
@@ -387,6 +512,10 @@ class TRPO(OnPolicyAlgorithm):
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        if self._replica.is_distributed:
+            # payload of this iteration's all-reduces (rollout agreement and update), for scaling estimates
+            self.logger.record("distributed/bytes_reduced", self._replica.bytes_reduced)
+            self._replica.bytes_reduced = 0
 
     def _policy_step(self, actor: ActorView, batch: RolloutBatch) -> PolicyStepResult:
         """One trust-region step: gradient → conjugate gradient → max step → line search → commit.
@@ -405,8 +534,10 @@ class TRPO(OnPolicyAlgorithm):
         current = actor.evaluate(theta, obs, actions)
         objective = surrogate(current.log_prob)
         (gradient,) = th.autograd.grad(objective, theta, retain_graph=True)
+        # data parallel: the global surrogate and its gradient are the means over ranks (one all-reduce)
+        reduced = self._replica.mean(th.cat([gradient, objective.detach().reshape(1)]))
+        gradient, old_objective = reduced[:-1], reduced[-1].item()
         old_params = current.params.detach()
-        old_objective = objective.item()
         old_entropy = _entropy(current)
         if not math.isfinite(old_objective) or not bool(th.isfinite(gradient).all()):
             return self._skip_policy_step("the surrogate or its gradient is not finite", old_objective, old_entropy)
@@ -419,7 +550,8 @@ class TRPO(OnPolicyAlgorithm):
             fisher_idx = slice(None, None, self.sub_sampling_factor)
             fisher_theta = theta_old.clone().requires_grad_(True)
             fisher_params = actor.evaluate(fisher_theta, index_obs(obs, fisher_idx), actions[fisher_idx]).params
-        fisher_product = JacobianFisherProduct(fisher_theta, fisher_params, damping=self.cg_damping)
+        # data parallel: the Fisher matrix of the global batch is the mean of the ranks' (equal batch sizes)
+        fisher_product = self._replica.averaged(JacobianFisherProduct(fisher_theta, fisher_params, damping=self.cg_damping))
         cg = conjugate_gradient(fisher_product, gradient, max_iter=self.cg_max_steps)
         del fisher_product, current, fisher_params  # free the retained graph before the line search
         gradient_norm = gradient.norm().item()
@@ -445,8 +577,14 @@ class TRPO(OnPolicyAlgorithm):
         def trial(coefficient: float) -> Trial:
             with th.no_grad():
                 candidates.append(actor.evaluate(theta_old + coefficient * cg.x, obs, actions))
-                kl = kl_divergence(old_params, candidates[-1].params).mean().item()
-                return Trial(improvement=surrogate(candidates[-1].log_prob).item() - old_objective, kl=kl)
+                objective, kl = self._replica.mean_of_floats(
+                    [
+                        surrogate(candidates[-1].log_prob).item(),
+                        kl_divergence(old_params, candidates[-1].params).mean().item(),
+                    ],
+                    self.device,
+                )
+                return Trial(improvement=objective - old_objective, kl=kl)
 
         search = backtracking_line_search(
             trial,
@@ -481,7 +619,10 @@ class TRPO(OnPolicyAlgorithm):
         :return: the mean loss over the minibatches (or, with no critic update, the loss of the rollout's values)
         """
         if self.n_critic_updates == 0:
-            return F.mse_loss(batch.returns, th.as_tensor(self.rollout_buffer.values.flatten(), device=self.device)).item()
+            rollout_loss = F.mse_loss(
+                batch.returns, th.as_tensor(self.rollout_buffer.values.flatten(), device=self.device)
+            ).item()
+            return self._replica.mean_of_floats([rollout_loss], self.device)[0]
         actor_ids = {id(p) for p in actor.parameters}
         critic_params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in actor_ids]
         if not critic_params:
@@ -503,12 +644,14 @@ class TRPO(OnPolicyAlgorithm):
             for start in range(0, n_samples, self.batch_size):
                 minibatch = slice(start, start + self.batch_size)
                 loss = F.mse_loss(epoch_returns[minibatch], predict_values(index_obs(epoch_inputs, minibatch)))
-                grads = th.autograd.grad(loss, critic_params, allow_unused=True)
+                grads: Sequence[th.Tensor | None] = th.autograd.grad(loss, critic_params, allow_unused=True)
+                if self._replica.is_distributed:  # the global minibatch gradient: every rank takes the same Adam step
+                    grads = self._replica.mean_of_tensors(grads, list(critic_params))
                 for param, grad in zip(critic_params, grads, strict=True):
                     param.grad = grad
                 optimizer.step()
                 losses.append(loss.detach())
-        mean_loss = th.stack(losses).mean().item()
+        mean_loss = self._replica.mean_of_floats([th.stack(losses).mean().item()], self.device)[0]
         if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in critic_params):
             # a diverging regression (e.g. a learning rate far too large): undo the whole critic step
             snapshot.restore()
@@ -552,7 +695,12 @@ class TRPO(OnPolicyAlgorithm):
         :param path: where to save (``.zip`` is appended when it has no suffix), or a binary file object
         :param exclude: names of attributes not to save, in addition to the default ones
         :param include: names of attributes to save even if excluded by default
+
+        In data-parallel training only rank 0 writes (the ranks' models are identical); on other ranks this does
+        nothing, so callbacks such as ``CheckpointCallback`` can run on every rank.
         """
+        if not self._replica.is_main:
+            return
         if isinstance(path, (str, os.PathLike)) and not resolve_save_path(path).is_dir():
             save_atomically(path, lambda file: super(TRPO, self).save(file, exclude=exclude, include=include))
         else:

@@ -1,0 +1,94 @@
+"""A worker script for tests/test_distributed.py, launched with torchrun (one process per rank).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py MODE OUT_DIR
+
+Modes:
+- ``train``: data-parallel TRPO on CartPole-v1 (VecNormalize, TensorBoard, a checkpoint); each rank writes what it
+  ended with to ``OUT_DIR/rank{R}.pt``.
+- ``update``: loads ``OUT_DIR/start.zip``, fills its rollout buffer with its share of ``OUT_DIR/rollout.npz``
+  (environment column R), makes one ``train()`` call and writes its parameters to ``OUT_DIR/rank{R}.pt``.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.vec_env import VecNormalize
+from torch import distributed as dist
+
+from sb3_trpo import TRPO
+
+BUFFER_FIELDS = ("observations", "actions", "rewards", "advantages", "returns", "episode_starts", "values", "log_probs")
+TRAIN_TIMESTEPS = 12_288  # global: 6 iterations of 2 ranks x 2 envs x 512 steps
+
+
+class FirstObservations(BaseCallback):
+    """Records the observations this rank's environments started from and how many steps this rank collected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: np.ndarray | None = None
+        self.local_steps = 0
+
+    def _on_training_start(self) -> None:
+        self.first = np.array(self.model._last_obs)
+
+    def _on_step(self) -> bool:
+        self.local_steps += self.training_env.num_envs
+        return True
+
+
+def flat_parameters(model: TRPO) -> th.Tensor:
+    return th.cat([t.detach().reshape(-1).cpu() for t in model.policy.state_dict().values()])
+
+
+def train(out: Path) -> None:
+    env = VecNormalize(make_vec_env("CartPole-v1", n_envs=2), gamma=0.99)
+    model = TRPO("MlpPolicy", env, n_steps=512, batch_size=128, seed=0, distributed=True, tensorboard_log=str(out / "tb"))
+    initial = flat_parameters(model)
+    callback = FirstObservations()
+    model.learn(TRAIN_TIMESTEPS, callback=callback)
+    model.save(out / "model")
+    env.training = False
+    mean_return, _ = evaluate_policy(model, env, n_eval_episodes=5, deterministic=True)
+    th.save(
+        {
+            "initial": initial,
+            "final": flat_parameters(model),
+            "num_timesteps": model.num_timesteps,
+            "local_steps": callback.local_steps,
+            "first_observations": callback.first,
+            "obs_rms": (env.obs_rms.mean, env.obs_rms.var, env.obs_rms.count),
+            "ret_rms": (env.ret_rms.mean, env.ret_rms.var, env.ret_rms.count),
+            "mean_return": mean_return,
+        },
+        out / f"rank{dist.get_rank()}.pt",
+    )
+
+
+def update(out: Path) -> None:
+    rank = int(dist.get_rank()) if dist.is_initialized() else int(__import__("os").environ["RANK"])
+    rollout = np.load(out / "rollout.npz")
+    n_steps = rollout["rewards"].shape[0]
+    # a local minibatch of the local rollout: with two ranks, the global minibatch is the single process's
+    model = TRPO.load(out / "start.zip", env=make_vec_env("CartPole-v1", n_envs=1), distributed=True, batch_size=n_steps)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    buffer = model.rollout_buffer
+    for name in BUFFER_FIELDS:
+        getattr(buffer, name)[:] = rollout[name][:, rank : rank + 1]
+    buffer.pos, buffer.full, buffer.generator_ready = buffer.buffer_size, True, False
+    model.train()
+    th.save({"final": flat_parameters(model)}, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    th.set_num_threads(1)
+    mode, out_dir = sys.argv[1], Path(sys.argv[2])
+    {"train": train, "update": update}[mode](out_dir)
+    if dist.is_initialized():
+        dist.destroy_process_group()
