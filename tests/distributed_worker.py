@@ -83,7 +83,7 @@ def update(out: Path) -> None:
         getattr(buffer, name)[:] = rollout[name][:, rank : rank + 1]
     buffer.pos, buffer.full, buffer.generator_ready = buffer.buffer_size, True, False
     model.train()
-    th.save({"final": flat_parameters(model)}, out / f"rank{rank}.pt")
+    th.save({"final": flat_parameters(model), "logged": dict(model.logger.name_to_value)}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

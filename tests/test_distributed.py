@@ -1,0 +1,175 @@
+"""Data-parallel training: 2 processes launched by torchrun (gloo, loopback), and the single-process fallbacks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import Logger
+
+from sb3_trpo import TRPO
+from sb3_trpo.distributed import LAUNCHER_VARIABLES, Replica, raw_moments, set_from_raw_moments
+from tests.distributed_worker import BUFFER_FIELDS, TRAIN_TIMESTEPS, flat_parameters
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+ROOT = WORKER.parent.parent
+
+
+def launch(mode: str, out: Path) -> None:
+    """Run the worker script on 2 local processes with torchrun, as a user would."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*launcher, str(WORKER), mode, str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for name in LAUNCHER_VARIABLES:  # the launcher sets these for its workers; none may leak in from outside
+        env.pop(name, None)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def load_ranks(out: Path) -> list[dict]:
+    return [th.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("distributed_train")
+    launch("train", out)
+    return out, load_ranks(out)
+
+
+def test_two_processes_train_cartpole_with_identical_parameters(trained):
+    _, (rank0, rank1) = trained
+    assert th.equal(rank0["initial"], rank1["initial"])  # rank 0's initial parameters were broadcast
+    assert th.equal(rank0["final"], rank1["final"])  # bit-identical after training
+    assert not th.equal(rank0["initial"], rank0["final"])
+    assert rank0["mean_return"] >= 200  # CartPole learns: a random policy scores about 20
+
+
+def test_total_timesteps_is_the_global_budget(trained):
+    _, ranks = trained
+    for rank in ranks:
+        assert rank["num_timesteps"] == TRAIN_TIMESTEPS  # every rank counts the samples of both
+        assert rank["local_steps"] == TRAIN_TIMESTEPS // 2  # each collected half of them
+
+
+def test_each_rank_seeds_its_environments_differently(trained):
+    _, (rank0, rank1) = trained
+    assert not np.allclose(rank0["first_observations"], rank1["first_observations"])
+
+
+def test_vec_normalize_statistics_are_merged_across_ranks(trained):
+    _, (rank0, rank1) = trained
+    for key in ("obs_rms", "ret_rms"):
+        for a, b in zip(rank0[key], rank1[key], strict=True):
+            np.testing.assert_array_equal(a, b)
+    # every observation of both ranks counted once: the 2 x 2 reset observations, then every step
+    assert rank0["obs_rms"][2] == pytest.approx(TRAIN_TIMESTEPS + 4, abs=1e-3)
+    assert rank0["ret_rms"][2] == pytest.approx(TRAIN_TIMESTEPS, abs=1e-3)
+
+
+def test_only_rank_0_logs_and_its_checkpoint_loads_in_a_single_process(trained):
+    out, (rank0, _) = trained
+    assert [p.name for p in (out / "tb").iterdir()] == ["TRPO_1"]  # one TensorBoard run, not one per rank
+    model = TRPO.load(out / "model.zip")
+    assert model.distributed is False  # an ordinary model
+    assert th.equal(flat_parameters(model), rank0["final"])
+    obs = make_vec_env("CartPole-v1", n_envs=1).reset()
+    model.predict(obs, deterministic=True)
+
+
+def test_two_ranks_with_half_the_data_take_the_single_process_update(tmp_path):
+    n_steps = 64
+    model = TRPO(
+        "MlpPolicy",
+        make_vec_env("CartPole-v1", n_envs=2, seed=0),
+        n_steps=n_steps,
+        batch_size=2 * n_steps,  # one critic minibatch: the whole rollout (each rank: its half)
+        n_critic_updates=2,
+        seed=0,
+    )
+    model.learn(2 * n_steps)  # one rollout and one update, then a fresh rollout is collected below
+    callback = model._init_callback(None)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
+    model.save(tmp_path / "start")
+    np.savez(tmp_path / "rollout.npz", **{name: getattr(model.rollout_buffer, name) for name in BUFFER_FIELDS})
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    model.train()
+    launch("update", tmp_path)
+
+    rank0, rank1 = load_ranks(tmp_path)
+    assert th.equal(rank0["final"], rank1["final"])
+    start = flat_parameters(TRPO.load(tmp_path / "start.zip"))
+    single = flat_parameters(model)
+    assert not th.allclose(single, start)  # the update moved the parameters
+    logged = dict(model.logger.name_to_value)
+    for key in ("train/step_size", "train/kl_divergence_loss", "train/surrogate_improvement", "train/value_loss"):
+        assert rank0["logged"][key] == pytest.approx(logged[key], rel=1e-4), key
+    th.testing.assert_close(rank0["final"], single, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_distributed_true_without_a_launcher_says_how_to_launch(no_launcher):
+    with pytest.raises(RuntimeError, match=r"distributed=True.*RANK.*torchrun --nproc_per_node=M.*distributed=\"auto\""):
+        TRPO("MlpPolicy", "CartPole-v1", distributed=True)
+
+
+def test_distributed_auto_without_a_launcher_runs_as_one_process(no_launcher, tmp_path):
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, distributed="auto", seed=0)
+    model.learn(128)
+    assert model._replica.world_size == 1
+    assert model.num_timesteps == 128
+    alone = TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, seed=0).learn(128)
+    assert th.equal(flat_parameters(model), flat_parameters(alone))  # exactly the single-process algorithm
+
+
+def test_distributed_passed_to_load_is_checked(tmp_path):
+    TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64).save(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"distributed='yes' is not allowed: distributed must be True, False or \"auto\""):
+        TRPO.load(tmp_path / "model", distributed="yes")
+
+
+def test_merged_raw_moments_are_the_statistics_of_all_samples():
+    from stable_baselines3.common.running_mean_std import RunningMeanStd
+
+    rng = np.random.default_rng(0)
+    start, batches = rng.normal(3.0, 2.0, (50, 2)), [rng.normal(-1.0, 0.5, (30, 2)), rng.normal(5.0, 1.0, (20, 2))]
+    common = RunningMeanStd(shape=(2,))
+    common.update(start)
+    since = raw_moments(common)
+    ranks = []
+    for batch in batches:  # each rank updates its copy of the common statistics with its own samples
+        stat = RunningMeanStd(shape=(2,))
+        set_from_raw_moments(stat, since)
+        stat.update(batch)
+        ranks.append(raw_moments(stat))
+    merged = RunningMeanStd(shape=(2,))
+    set_from_raw_moments(merged, since + sum(r - since for r in ranks))
+    one_process = RunningMeanStd(shape=(2,))  # what a single process that saw every sample would hold
+    for samples in (start, *batches):
+        one_process.update(samples)
+    np.testing.assert_allclose(merged.mean, one_process.mean, rtol=1e-10)
+    np.testing.assert_allclose(merged.var, one_process.var, rtol=1e-10)
+    assert merged.count == pytest.approx(one_process.count, rel=1e-12)
+
+
+def test_a_single_replica_reduces_to_the_identity():
+    replica = Replica.alone()
+    x = th.randn(5)
+    assert replica.mean(x) is x
+    assert replica.sum(x) is x
+    mean, std = replica.mean_and_std(x)
+    assert th.equal(mean, x.mean())
+    assert th.equal(std, x.std())
+    assert replica.mean_of_floats([1.0, 2.0], th.device("cpu")) == [1.0, 2.0]
+    assert replica.all_agree(3, th.device("cpu"))
+    assert replica.bytes_reduced == 0
