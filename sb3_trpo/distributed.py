@@ -82,8 +82,10 @@ class Replica:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
-        #: payload bytes of the all-reduces made so far (for the communication-volume measurement)
+        #: payload bytes and number of the all-reduces since the counters were last reset (the training loop logs
+        #: and resets them once per iteration: they measure the communication a multi-node run would need)
         self.bytes_reduced = 0
+        self.all_reduces = 0
 
     @classmethod
     def alone(cls) -> "Replica":
@@ -102,6 +104,7 @@ class Replica:
 
     def _all_reduce_sum(self, tensor: th.Tensor) -> th.Tensor:
         self.bytes_reduced += tensor.numel() * tensor.element_size()
+        self.all_reduces += 1
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 

@@ -513,9 +513,10 @@ class TRPO(OnPolicyAlgorithm):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         if self._replica.is_distributed:
-            # payload of this iteration's all-reduces (rollout agreement and update), for scaling estimates
+            # this iteration's all-reduces (rollout agreement and update): what multi-node scaling depends on
             self.logger.record("distributed/bytes_reduced", self._replica.bytes_reduced)
-            self._replica.bytes_reduced = 0
+            self.logger.record("distributed/all_reduces", self._replica.all_reduces)
+            self._replica.bytes_reduced = self._replica.all_reduces = 0
 
     def _policy_step(self, actor: ActorView, batch: RolloutBatch) -> PolicyStepResult:
         """One trust-region step: gradient → conjugate gradient → max step → line search → commit.

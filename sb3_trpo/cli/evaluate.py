@@ -1,0 +1,91 @@
+"""``sb3-trpo eval MODEL_PATH [ENV_ID]``: mean and standard deviation of the return over N episodes."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from gymnasium.wrappers import RecordVideo
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+
+from sb3_trpo.cli import runs
+from sb3_trpo.cli.presets import CliError
+from sb3_trpo.trpo import TRPO
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_path", metavar="MODEL_PATH", type=Path, help="a run folder (from `train`) or a model .zip")
+    parser.add_argument("env_id", metavar="ENV_ID", nargs="?", help="environment (default: the run's, from config.json)")
+    parser.add_argument("--episodes", type=int, default=10, help="number of episodes (default 10)")
+    parser.add_argument("--best", action="store_true", help="in a run folder, evaluate the best model instead of the final")
+    parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the most likely")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation environment (default 0)")
+    parser.add_argument("--video", type=Path, metavar="DIR", help="record every episode as a video into DIR (needs moviepy)")
+    parser.add_argument("--device", default="auto", help='torch device: "auto" (default), "cpu", "cuda", ...')
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.episodes < 1:
+        raise CliError(f"--episodes {args.episodes}: must be >= 1.")
+    model_file, run_folder = _locate(args.model_path, args.best)
+    config = runs.read_config(run_folder) or {}
+    env_id = args.env_id or config.get("env_id")
+    if env_id is None:
+        raise CliError(
+            f"ENV_ID is needed: {run_folder / runs.CONFIG} does not exist to say which environment {model_file} is for."
+        )
+    if args.video is not None and importlib.util.find_spec("moviepy") is None:
+        raise CliError("--video needs moviepy, which gymnasium's RecordVideo writes videos with: pip install moviepy")
+
+    env = _make_env(env_id, args.seed, run_folder, args.video)
+    try:
+        model = TRPO.load(model_file, env=env, device=args.device)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    returns, lengths = evaluate_policy(
+        model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic, return_episode_rewards=True
+    )
+    env.close()
+    returns_array, lengths_array = np.asarray(returns, dtype=float), np.asarray(lengths, dtype=float)
+    mode = "stochastic" if args.stochastic else "deterministic"
+    print(
+        f"{env_id}: return {returns_array.mean():.2f} +/- {returns_array.std():.2f} over {args.episodes} episodes ({mode}), "
+        f"episode length {lengths_array.mean():.1f}, model {model_file}"
+    )
+    if args.video is not None:
+        print(f"videos in {args.video}")
+    return 0
+
+
+def _locate(path: Path, best: bool) -> tuple[Path, Path]:
+    """:return: the model file, and the run folder whose config and VecNormalize statistics go with it"""
+    if path.is_dir():
+        model_file = path / (runs.BEST_MODEL if best else runs.MODEL)
+        if not model_file.is_file():
+            raise CliError(f"no model in {path}: {model_file.name} does not exist (is it a run folder made by `train`?).")
+        return model_file, path
+    if path.is_file():
+        return path, path.parent
+    with_suffix = path.with_name(path.name + ".zip")
+    if with_suffix.is_file():
+        return with_suffix, path.parent
+    raise CliError(f"{path} does not exist: give a run folder made by `sb3-trpo train` or a model .zip file.")
+
+
+def _make_env(env_id: str, seed: int, run_folder: Path, video: Path | None) -> VecEnv:
+    if video is None:
+        env = runs.make_env(env_id, 1, seed)
+    else:
+        env = runs.make_env(
+            env_id,
+            1,
+            seed,
+            env_kwargs={"render_mode": "rgb_array"},
+            wrapper_class=lambda e: RecordVideo(e, str(video), episode_trigger=lambda _: True, disable_logger=True),
+        )
+    statistics = run_folder / runs.VEC_NORMALIZE
+    if statistics.is_file():  # the model was trained on normalized observations: evaluate with the same statistics
+        env = VecNormalize.load(str(statistics), env)
+        env.training, env.norm_reward = False, False
+    return env

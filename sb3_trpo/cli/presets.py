@@ -1,0 +1,152 @@
+"""Tuned hyperparameters shipped with the package, and the ``key=value`` overrides of the command line."""
+
+import ast
+import inspect
+import json
+from importlib import resources
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from sb3_trpo.trpo import TRPO
+
+#: run settings that are not TRPO keywords but may be overridden like them
+RUN_KEYS = ("n_envs", "normalize", "n_timesteps", "policy")
+#: TRPO keywords that have a command-line flag of their own instead
+FLAG_KEYS = {
+    "seed": "--seed",
+    "device": "--device",
+    "tensorboard_log": "--tensorboard-log",
+    "verbose": "--verbose",
+    "env": "ENV_ID",
+    "distributed": "(not available on the command line)",
+    "_init_setup_model": "(internal)",
+}
+
+
+class CliError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2."""
+
+
+class Preset(NamedTuple):
+    """How to train on one environment.
+
+    :param n_envs: number of parallel environments
+    :param normalize: whether to wrap them in ``VecNormalize``
+    :param n_timesteps: training budget
+    :param policy: policy alias
+    :param hyperparams: TRPO keywords
+    :param source: where the values come from (``None`` when no preset exists for the environment)
+    """
+
+    n_envs: int
+    normalize: bool
+    n_timesteps: int
+    policy: str
+    hyperparams: dict[str, Any]
+    source: str | None
+
+
+#: without a preset: SB3's usual single-environment defaults and TRPO's own defaults
+DEFAULT = Preset(n_envs=1, normalize=False, n_timesteps=1_000_000, policy="MlpPolicy", hyperparams={}, source=None)
+
+
+def load_presets() -> dict[str, dict[str, Any]]:
+    """:return: the shipped presets by environment id"""
+    text = resources.files("sb3_trpo.cli").joinpath("presets.json").read_text(encoding="utf-8")
+    return {key: value for key, value in json.loads(text).items() if not key.startswith("_")}
+
+
+def preset_for(env_id: str) -> Preset:
+    """The shipped preset for ``env_id``; another version of the same environment (``Hopper-v4`` for ``Hopper-v5``)
+    takes its preset too, and an environment without one gets :data:`DEFAULT`.
+
+    :param env_id: a Gymnasium environment id
+    """
+    presets = load_presets()
+    entry = presets.get(env_id)
+    if entry is None:
+        name = env_id.rsplit("-v", 1)[0]
+        entry = next((value for key, value in presets.items() if key.rsplit("-v", 1)[0] == name), None)
+    if entry is None:
+        return DEFAULT
+    return Preset(
+        n_envs=int(entry["n_envs"]),
+        normalize=bool(entry["normalize"]),
+        n_timesteps=int(entry["n_timesteps"]),
+        policy=str(entry.get("policy", "MlpPolicy")),
+        hyperparams=dict(entry["hyperparams"]),
+        source=str(entry["source"]),
+    )
+
+
+def trpo_keywords() -> list[str]:
+    """:return: the TRPO constructor keywords a ``--hyperparams`` override may set"""
+    names = inspect.signature(TRPO.__init__).parameters
+    return [name for name in names if name not in ("self", "policy", *FLAG_KEYS)]
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal (``0.5``, ``True``, ``None``, ``[64, 64]``, ``{'net_arch': [64]}``), or the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
+    """Apply ``key=value`` overrides to a preset.
+
+    :param preset: the preset
+    :param overrides: ``key=value`` strings, values as Python literals
+    :raises CliError: for a malformed override, an unknown key or a run setting of the wrong type
+    """
+    allowed = trpo_keywords()
+    run: dict[str, Any] = dict(
+        n_envs=preset.n_envs, normalize=preset.normalize, n_timesteps=preset.n_timesteps, policy=preset.policy
+    )
+    hyperparams = dict(preset.hyperparams)
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        key = key.strip()
+        if not separator or not key:
+            raise CliError(f"--hyperparams {override!r}: expected key=value, e.g. --hyperparams n_steps=1024 gamma=0.98")
+        if key in FLAG_KEYS:
+            raise CliError(f"--hyperparams {key}=...: use {FLAG_KEYS[key]} for it.")
+        if key not in allowed and key not in RUN_KEYS:
+            raise CliError(
+                f"--hyperparams {key}=...: unknown hyperparameter {key!r}. Allowed: {', '.join([*allowed, *RUN_KEYS])}."
+            )
+        value = parse_value(text)
+        if key == "policy_kwargs" and isinstance(value, dict):
+            value = _with_activation_class(value)
+        if key in RUN_KEYS:
+            run[key] = value
+        else:
+            hyperparams[key] = value
+    if not isinstance(run["normalize"], bool):
+        raise CliError(f"--hyperparams normalize={run['normalize']!r}: normalize must be True or False.")
+    for key in ("n_envs", "n_timesteps"):
+        if not isinstance(run[key], int) or isinstance(run[key], bool) or run[key] < 1:
+            raise CliError(f"--hyperparams {key}={run[key]!r}: {key} must be an integer >= 1.")
+    if run["policy"] not in TRPO.policy_aliases:
+        raise CliError(f"--hyperparams policy={run['policy']!r}: policy must be one of {', '.join(TRPO.policy_aliases)}.")
+    return Preset(
+        n_envs=int(run["n_envs"]),
+        normalize=bool(run["normalize"]),
+        n_timesteps=int(run["n_timesteps"]),
+        policy=str(run["policy"]),
+        hyperparams=hyperparams,
+        source=preset.source,
+    )
+
+
+def _with_activation_class(policy_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``policy_kwargs`` with ``activation_fn`` given by name (``'ReLU'`` or ``'nn.ReLU'``) turned into the class."""
+    name = policy_kwargs.get("activation_fn")
+    if not isinstance(name, str):
+        return policy_kwargs
+    cls = getattr(nn, name.removeprefix("nn."), None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CliError(f"policy_kwargs activation_fn={name!r}: not a torch.nn activation (e.g. 'Tanh', 'ReLU').")
+    return {**policy_kwargs, "activation_fn": cls}

@@ -1,0 +1,178 @@
+"""The ``sb3-trpo`` command line: train, eval and plot on short runs, and their error paths."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sb3_trpo import TRPO
+from sb3_trpo.cli import main
+from sb3_trpo.cli.presets import DEFAULT, apply_overrides, load_presets, preset_for
+from sb3_trpo.cli.runs import BEST_MODEL, CONFIG, EVALUATIONS, MODEL, VEC_NORMALIZE
+
+SHORT = ["--timesteps", "2048", "--eval-freq", "1024", "--eval-episodes", "2", "--seed", "0", "--no-progress-bar"]
+SMALL = ["--hyperparams", "n_steps=256", "batch_size=128", "n_critic_updates=2"]
+
+
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory):
+    """One short CartPole run through the command line, shared by the tests that read what it left."""
+    output = tmp_path_factory.mktemp("runs") / "cartpole"
+    assert main(["train", "CartPole-v1", "--output", str(output), *SHORT, *SMALL]) == 0
+    return output
+
+
+def test_train_saves_the_final_and_best_models_the_evaluations_and_its_settings(cartpole_run, capsys):
+    for name in (MODEL, BEST_MODEL, EVALUATIONS, CONFIG):
+        assert (cartpole_run / name).is_file(), name
+    config = json.loads((cartpole_run / CONFIG).read_text())
+    assert config["env_id"] == "CartPole-v1"
+    assert config["seed"] == 0
+    assert config["n_envs"] == 2  # from the preset
+    assert config["hyperparams"]["n_steps"] == 256  # overridden
+    assert config["hyperparams"]["cg_damping"] == 0.001  # from the preset
+    model = TRPO.load(cartpole_run / MODEL)
+    assert model.num_timesteps == 2048
+    assert model.n_steps == 256
+    evaluations = np.load(cartpole_run / EVALUATIONS)
+    assert list(evaluations["timesteps"]) == [1024, 2048]
+
+
+def test_train_prints_progress_and_a_summary(tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["train", "CartPole-v1", "--output", str(output), *SHORT, *SMALL, "--n-envs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "100%" in printed  # the text progress (no terminal: no rich progress bar here)
+    assert "Summary" in printed
+    assert "final return" in printed
+    assert str(output / MODEL) in printed
+
+
+def test_train_with_normalize_saves_the_vec_normalize_statistics_and_eval_uses_them(tmp_path, capsys):
+    output = tmp_path / "acrobot"
+    assert main(["train", "Acrobot-v1", "--output", str(output), *SHORT, *SMALL]) == 0  # preset: normalize=true
+    assert (output / VEC_NORMALIZE).is_file()
+    capsys.readouterr()
+    assert main(["eval", str(output), "--episodes", "2"]) == 0
+    assert "Acrobot-v1: return" in capsys.readouterr().out
+
+
+def test_eval_prints_mean_and_std_over_n_episodes(cartpole_run, capsys):
+    assert main(["eval", str(cartpole_run), "--episodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CartPole-v1: return ")
+    assert "+/-" in out
+    assert "over 3 episodes (deterministic)" in out
+
+
+def test_eval_of_a_model_file_with_an_explicit_environment(cartpole_run, capsys):
+    assert main(["eval", str(cartpole_run / BEST_MODEL), "CartPole-v1", "--episodes", "2", "--stochastic"]) == 0
+    assert "(stochastic)" in capsys.readouterr().out
+
+
+def test_plot_writes_a_png_of_several_runs(cartpole_run, tmp_path, capsys):
+    second = tmp_path / "second"
+    assert main(["train", "CartPole-v1", "--output", str(second), *SHORT[:-3], "--seed", "1", *SMALL]) == 0
+    figure = tmp_path / "curves.png"
+    assert main(["plot", str(cartpole_run), str(second), "--output", str(figure)]) == 0
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert "2 run(s), 1 curve(s)" in capsys.readouterr().out  # two seeds of one environment: one curve
+
+
+def test_python_dash_m_runs_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "sb3_trpo", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert "train" in result.stdout
+    assert "eval" in result.stdout
+    assert "plot" in result.stdout
+
+
+def error_of(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "NoSuchEnv-v0"], "unknown environment 'NoSuchEnv-v0'"),
+        (["train", "CartPole-v1", "--hyperparams", "n_stepz=10"], "unknown hyperparameter 'n_stepz'. Allowed: "),
+        (["train", "CartPole-v1", "--hyperparams", "n_steps"], "expected key=value"),
+        (["train", "CartPole-v1", "--hyperparams", "n_steps=abc"], "n_steps='abc' is not allowed: n_steps must be an integer"),
+        (["train", "CartPole-v1", "--hyperparams", "gamma=[0.9]"], "gamma=[0.9] is not allowed"),
+        (["train", "CartPole-v1", "--hyperparams", "normalize=1"], "normalize must be True or False"),
+        (["train", "CartPole-v1", "--hyperparams", "seed=3"], "use --seed for it"),
+        (["train", "CartPole-v1", "--hyperparams", "policy=Foo"], "policy must be one of MlpPolicy, CnnPolicy"),
+        (
+            ["train", "CartPole-v1", "--hyperparams", "policy_kwargs={'activation_fn': 'Nope'}"],
+            "not a torch.nn activation",
+        ),
+        (["train", "CartPole-v1", "--timesteps", "0"], "--timesteps 0: must be >= 1"),
+        (["eval", "does/not/exist"], "does/not/exist does not exist"),
+        (["plot", "does/not/exist"], "does/not/exist is not a folder"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing is written where the tests run from
+    assert message in error_of(argv, capsys)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_eval_of_a_folder_without_a_model(tmp_path, capsys):
+    assert "no model in" in error_of(["eval", str(tmp_path)], capsys)
+
+
+def test_eval_of_a_model_without_config_needs_the_environment(cartpole_run, tmp_path, capsys):
+    lone = tmp_path / "lone.zip"
+    lone.write_bytes((cartpole_run / MODEL).read_bytes())
+    assert "ENV_ID is needed" in error_of(["eval", str(lone)], capsys)
+
+
+def test_eval_of_a_damaged_model_file(tmp_path, capsys):
+    damaged = tmp_path / "model.zip"
+    damaged.write_bytes(b"not a zip")
+    assert "truncated or damaged" in error_of(["eval", str(damaged), "CartPole-v1"], capsys)
+
+
+def test_plot_of_a_folder_without_evaluations(tmp_path, capsys):
+    assert f"has no {EVALUATIONS}" in error_of(["plot", str(tmp_path)], capsys)
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(cartpole_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert 'pip install "sb3-trpo[plot]"' in error_of(["plot", str(cartpole_run)], capsys)
+
+
+def test_eval_video_without_moviepy_says_how_to_install_it(cartpole_run, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moviepy" else real(name, *a))
+    assert "pip install moviepy" in error_of(["eval", str(cartpole_run), "--video", "videos"], capsys)
+
+
+def test_every_preset_is_valid_for_trpo():
+    presets = load_presets()
+    assert {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "LunarLander-v3", "Hopper-v5"} <= set(presets)
+    for env_id in presets:
+        preset = preset_for(env_id)
+        assert preset.source
+        assert preset.n_envs >= 1
+        assert preset.n_timesteps >= 1
+        TRPO(preset.policy, None, **preset.hyperparams, _init_setup_model=False)  # every keyword accepted and valid
+
+
+def test_other_versions_share_a_preset_and_unknown_environments_get_defaults():
+    assert preset_for("Hopper-v4") == preset_for("Hopper-v5")
+    assert preset_for("Blackjack-v1") == DEFAULT
+
+
+def test_overrides_parse_python_literals():
+    preset = apply_overrides(
+        DEFAULT, ["gamma=0.98", "use_sde=True", "normalize=True", "n_envs=4", "policy_kwargs={'net_arch': [32, 32]}"]
+    )
+    assert preset.hyperparams == {"gamma": 0.98, "use_sde": True, "policy_kwargs": {"net_arch": [32, 32]}}
+    assert preset.normalize is True
+    assert preset.n_envs == 4
