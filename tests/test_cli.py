@@ -40,11 +40,16 @@ def test_train_saves_the_final_and_best_models_the_evaluations_and_its_settings(
     assert list(evaluations["timesteps"]) == [1024, 2048]
 
 
-def test_train_prints_progress_and_a_summary(tmp_path, capsys):
+def test_train_prints_progress_and_a_summary(tmp_path, capsys, monkeypatch):
+    import sb3_trpo.cli.train
+
+    monkeypatch.setattr(sb3_trpo.cli.train, "_rich_progress_bar_available", lambda: False)  # as without tqdm and rich
     output = tmp_path / "run"
-    assert main(["train", "CartPole-v1", "--output", str(output), *SHORT, *SMALL, "--n-envs", "1"]) == 0
+    with_progress = [arg for arg in SHORT if arg != "--no-progress-bar"]
+    assert main(["train", "CartPole-v1", "--output", str(output), *with_progress, *SMALL, "--n-envs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "100%" in printed  # the text progress (no terminal: no rich progress bar here)
+    assert "50%  1,024 / 2,048 timesteps" in printed
+    assert "100%" in printed
     assert "Summary" in printed
     assert "final return" in printed
     assert str(output / MODEL) in printed
@@ -74,7 +79,8 @@ def test_eval_of_a_model_file_with_an_explicit_environment(cartpole_run, capsys)
 
 def test_plot_writes_a_png_of_several_runs(cartpole_run, tmp_path, capsys):
     second = tmp_path / "second"
-    assert main(["train", "CartPole-v1", "--output", str(second), *SHORT[:-3], "--seed", "1", *SMALL]) == 0
+    seed_1 = [*SHORT[:-3], "--seed", "1", "--no-progress-bar"]
+    assert main(["train", "CartPole-v1", "--output", str(second), *seed_1, *SMALL]) == 0
     figure = tmp_path / "curves.png"
     assert main(["plot", str(cartpole_run), str(second), "--output", str(figure)]) == 0
     assert figure.read_bytes().startswith(b"\x89PNG")
