@@ -170,12 +170,6 @@ class TRPO(OnPolicyAlgorithm):
         > 0. Default ``0.01``.
     :param sub_sampling_factor: Compute the Fisher-vector products on every k-th sample only (the gradient and
         the line search still use the whole rollout), >= 1; see Schulman's thesis, pp. 40-42. Default ``1``.
-    :param distributed: Data-parallel training over ``torch.distributed`` (launch the script with ``torchrun``):
-        every rank collects its own rollouts and all ranks take the same update, computed from the means over
-        ranks of the gradient, Fisher products, line-search values, advantage statistics and critic gradients.
-        ``True`` requires a launcher environment or an initialized process group; ``"auto"`` uses one if present
-        and runs as a single process otherwise; ``False`` (default) never does. ``learn(total_timesteps)`` then
-        counts the samples of all ranks; only rank 0 logs and saves. See the README's "Distributed training".
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
         the reported success rate, mean episode length, and mean reward over. Default ``100``.
     :param tensorboard_log: The log location for TensorBoard (if None, no logging).
@@ -184,6 +178,12 @@ class TRPO(OnPolicyAlgorithm):
     :param seed: Seed for the pseudo random generators.
     :param device: Device (cpu, cuda, ...) on which the code should be run; ``"auto"`` uses the GPU if any.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance.
+    :param distributed: (keyword only) Data-parallel training over ``torch.distributed`` (launch the script with ``torchrun``):
+        every rank collects its own rollouts and all ranks take the same update, computed from the means over
+        ranks of the gradient, Fisher products, line-search values, advantage statistics and critic gradients.
+        ``True`` requires a launcher environment or an initialized process group; ``"auto"`` uses one if present
+        and runs as a single process otherwise; ``False`` (default) never does. ``learn(total_timesteps)`` then
+        counts the samples of all ranks; only rank 0 logs and saves. See the README's "Distributed training".
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -214,7 +214,6 @@ class TRPO(OnPolicyAlgorithm):
         normalize_advantage: bool = True,
         target_kl: float = 0.01,
         sub_sampling_factor: int = 1,
-        distributed: Distributed = False,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -222,6 +221,8 @@ class TRPO(OnPolicyAlgorithm):
         seed: int | None = None,
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
+        *,
+        distributed: Distributed = False,
     ):
         # every keyword is checked before SB3 uses any of them (locals() holds exactly the arguments here)
         check_arguments(locals())

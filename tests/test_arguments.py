@@ -26,6 +26,12 @@ def test_accepts_every_sb3_contrib_keyword_with_the_same_defaults():
         assert ours[name].kind == param.kind, name
 
 
+def test_positional_arguments_keep_sb3_contrib_order():
+    ours = list(inspect.signature(TRPO.__init__).parameters)
+    theirs = list(contrib_parameters())
+    assert ours[: len(theirs)] == theirs  # our own keywords come after sb3-contrib's, keyword-only
+
+
 def test_a_script_written_for_sb3_contrib_runs_by_changing_the_import():
     theirs = contrib_parameters()
     kwargs = {

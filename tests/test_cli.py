@@ -87,6 +87,14 @@ def test_plot_writes_a_png_of_several_runs(cartpole_run, tmp_path, capsys):
     assert "2 run(s), 1 curve(s)" in capsys.readouterr().out  # two seeds of one environment: one curve
 
 
+def test_eval_records_one_video_per_episode(cartpole_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # no display here
+    videos = tmp_path / "videos"
+    assert main(["eval", str(cartpole_run), "--episodes", "2", "--video", str(videos)]) == 0
+    assert sorted(p.name for p in videos.glob("*.mp4")) == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4"]
+    assert f"videos in {videos}" in capsys.readouterr().out
+
+
 def test_python_dash_m_runs_the_command_line():
     result = subprocess.run([sys.executable, "-m", "sb3_trpo", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0

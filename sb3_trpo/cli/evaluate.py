@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.video is not None and importlib.util.find_spec("moviepy") is None:
         raise CliError("--video needs moviepy, which gymnasium's RecordVideo writes videos with: pip install moviepy")
 
-    env = _make_env(env_id, args.seed, run_folder, args.video)
+    env = _make_env(env_id, args.seed, run_folder, args.video, args.episodes)
     try:
         model = TRPO.load(model_file, env=env, device=args.device)
     except ValueError as error:
@@ -73,7 +73,7 @@ def _locate(path: Path, best: bool) -> tuple[Path, Path]:
     raise CliError(f"{path} does not exist: give a run folder made by `sb3-trpo train` or a model .zip file.")
 
 
-def _make_env(env_id: str, seed: int, run_folder: Path, video: Path | None) -> VecEnv:
+def _make_env(env_id: str, seed: int, run_folder: Path, video: Path | None, episodes: int) -> VecEnv:
     if video is None:
         env = runs.make_env(env_id, 1, seed)
     else:
@@ -82,7 +82,8 @@ def _make_env(env_id: str, seed: int, run_folder: Path, video: Path | None) -> V
             1,
             seed,
             env_kwargs={"render_mode": "rgb_array"},
-            wrapper_class=lambda e: RecordVideo(e, str(video), episode_trigger=lambda _: True, disable_logger=True),
+            # the evaluated episodes only, not the one the vectorized env starts by itself after the last
+            wrapper_class=lambda e: RecordVideo(e, str(video), episode_trigger=lambda i: i < episodes, disable_logger=True),
         )
     statistics = run_folder / runs.VEC_NORMALIZE
     if statistics.is_file():  # the model was trained on normalized observations: evaluate with the same statistics
