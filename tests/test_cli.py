@@ -118,6 +118,7 @@ def error_of(argv, capsys) -> str:
         (["train", "CartPole-v1", "--hyperparams", "gamma=[0.9]"], "gamma=[0.9] is not allowed"),
         (["train", "CartPole-v1", "--hyperparams", "normalize=1"], "normalize must be True or False"),
         (["train", "CartPole-v1", "--hyperparams", "seed=3"], "use --seed for it"),
+        (["train", "CartPole-v1", "--hyperparams", "distributed=True"], "needs a script launched with torchrun"),
         (["train", "CartPole-v1", "--hyperparams", "policy=Foo"], "policy must be one of MlpPolicy, CnnPolicy"),
         (
             ["train", "CartPole-v1", "--hyperparams", "policy_kwargs={'activation_fn': 'Nope'}"],

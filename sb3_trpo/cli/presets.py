@@ -12,15 +12,15 @@ from sb3_trpo.trpo import TRPO
 
 #: run settings that are not TRPO keywords but may be overridden like them
 RUN_KEYS = ("n_envs", "normalize", "n_timesteps", "policy")
-#: TRPO keywords that have a command-line flag of their own instead
+#: TRPO keywords that --hyperparams does not set, and what to do instead
 FLAG_KEYS = {
-    "seed": "--seed",
-    "device": "--device",
-    "tensorboard_log": "--tensorboard-log",
-    "verbose": "--verbose",
-    "env": "ENV_ID",
-    "distributed": "(not available on the command line)",
-    "_init_setup_model": "(internal)",
+    "seed": "use --seed for it",
+    "device": "use --device for it",
+    "tensorboard_log": "use --tensorboard-log for it",
+    "verbose": "use --verbose for it",
+    "env": "the environment is the ENV_ID argument",
+    "distributed": "distributed training needs a script launched with torchrun (README: Distributed training)",
+    "_init_setup_model": "it is internal to SB3",
 }
 
 
@@ -112,7 +112,7 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         if not separator or not key:
             raise CliError(f"--hyperparams {override!r}: expected key=value, e.g. --hyperparams n_steps=1024 gamma=0.98")
         if key in FLAG_KEYS:
-            raise CliError(f"--hyperparams {key}=...: use {FLAG_KEYS[key]} for it.")
+            raise CliError(f"--hyperparams {key}=...: {FLAG_KEYS[key]}.")
         if key not in allowed and key not in RUN_KEYS:
             raise CliError(
                 f"--hyperparams {key}=...: unknown hyperparameter {key!r}. Allowed: {', '.join([*allowed, *RUN_KEYS])}."
