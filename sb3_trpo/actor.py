@@ -64,12 +64,18 @@ def select_actor_parameters(policy: ActorCriticPolicy, obs: PyTorchObs) -> list[
     """
     named = [(name, param) for name, param in policy.named_parameters() if param.requires_grad]
     params = distribution_params(policy.get_distribution(obs))
-    probe = sum(t.sum() for t in params.tensors)
-    assert isinstance(probe, th.Tensor)
-    grads = th.autograd.grad(probe, [p for _, p in named], allow_unused=True)
-    selected = [pair for pair, grad in zip(named, grads, strict=True) if grad is not None]
+    # a tensor without autograd history (e.g. a frozen log_std) depends on no trainable parameter
+    connected = [t for t in params.tensors if t.requires_grad]
+    selected = []
+    if connected and named:
+        probe = th.stack([t.sum() for t in connected]).sum()
+        grads = th.autograd.grad(probe, [p for _, p in named], allow_unused=True)
+        selected = [pair for pair, grad in zip(named, grads, strict=True) if grad is not None]
     if not selected:
-        raise ValueError("The policy's action distribution does not depend on any trainable parameter: nothing to train.")
+        raise ValueError(
+            "The policy's action distribution does not depend on any trainable parameter, so TRPO has nothing to "
+            "train: leave at least one actor parameter with requires_grad=True (e.g. action_net or log_std)."
+        )
     return selected
 
 

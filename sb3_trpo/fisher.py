@@ -82,21 +82,36 @@ class JacobianFisherProduct:
         jvp: Callable[[th.Tensor], tuple[th.Tensor, ...]] | None = None,
     ) -> None:
         self._theta = theta
-        self._outputs = params.tensors
         self._at = params.detach()
         self._scale = 1.0 / params.tensors[0].shape[0]  # F is the Hessian of the *mean* KL over states
         self._damping = damping
+        # A distribution tensor with no autograd history (a frozen log_std, a frozen mean head) does not depend on θ:
+        # its block of J is zero, so it contributes nothing to Jᵀ M J (M has no cross term between the tensors of a
+        # Gaussian, and the categorical families have one tensor per sub-space). Only the others enter the graph.
+        self._dependent = tuple(i for i, t in enumerate(params.tensors) if t.requires_grad)
+        self._outputs = tuple(params.tensors[i] for i in self._dependent)
+        self._zeros = tuple(th.zeros_like(t) for t in self._at.tensors)
         self._probes = tuple(th.zeros_like(t, requires_grad=True) for t in self._outputs)
-        (self._transpose,) = th.autograd.grad(self._outputs, theta, self._probes, create_graph=True)
+        if self._outputs:
+            (self._transpose,) = th.autograd.grad(self._outputs, theta, self._probes, create_graph=True)
         self.jvp = jvp if jvp is not None else self._reverse_jvp
 
     def _reverse_jvp(self, vector: th.Tensor) -> tuple[th.Tensor, ...]:
-        grads = th.autograd.grad(self._transpose, self._probes, vector, retain_graph=True, allow_unused=True)
-        return tuple(th.zeros_like(p) if g is None else g for p, g in zip(self._probes, grads, strict=True))
+        tangents = list(self._zeros)
+        if self._outputs:
+            grads = th.autograd.grad(self._transpose, self._probes, vector, retain_graph=True, allow_unused=True)
+            for i, grad in zip(self._dependent, grads, strict=True):
+                if grad is not None:
+                    tangents[i] = grad
+        return tuple(tangents)
 
     def vjp(self, cotangents: tuple[th.Tensor, ...]) -> th.Tensor:
         """:return: ``Jᵀ u`` for cotangents ``u`` shaped like the distribution parameters"""
-        (product,) = th.autograd.grad(self._outputs, self._theta, cotangents, retain_graph=True)
+        if not self._outputs:
+            return th.zeros_like(self._theta)
+        (product,) = th.autograd.grad(
+            self._outputs, self._theta, tuple(cotangents[i] for i in self._dependent), retain_graph=True
+        )
         return product
 
     def __call__(self, vector: th.Tensor) -> th.Tensor:

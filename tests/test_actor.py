@@ -137,3 +137,50 @@ def test_views_of_two_policies_are_independent(space):
     a, b = tiny_policy(ACTION_SPACES[space], seed=0), tiny_policy(ACTION_SPACES[space], seed=1)
     obs, _ = sample_batch(a, n=2)
     assert not th.equal(ActorView(a, obs).flat(), ActorView(b, obs).flat())
+
+
+@pytest.mark.parametrize(
+    ("space", "kwargs", "frozen"),
+    [
+        ("box", {}, ["log_std"]),  # a fixed exploration noise
+        ("box", {}, ["mlp_extractor.policy_net", "action_net"]),  # only the noise is learned
+        ("box", {"use_sde": True}, ["log_std"]),
+        ("discrete", {}, ["mlp_extractor.policy_net"]),
+    ],
+    ids=["frozen-log-std", "frozen-mean", "gsde-frozen-log-std", "discrete-frozen-policy-net"],
+)
+def test_training_with_frozen_actor_parts_moves_only_the_trainable_ones(space, kwargs, frozen):
+    model = TRPO(
+        "MlpPolicy",
+        RandomEnv(BOX_OBS, ACTION_SPACES[space]),
+        n_steps=64,
+        batch_size=32,
+        seed=0,
+        policy_kwargs=dict(net_arch=dict(pi=[8], vf=[8])),
+        **kwargs,
+    )
+    named = dict(model.policy.named_parameters())
+    for prefix in frozen:
+        for name, param in named.items():
+            if name == prefix or name.startswith(prefix + "."):
+                param.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in named.items()}
+    model.learn(128)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    changed = {name for name, p in model.policy.named_parameters() if not th.equal(before[name], p)}
+    frozen_names = {name for name, p in model.policy.named_parameters() if not p.requires_grad}
+    assert frozen_names
+    assert not changed & frozen_names
+    actor = {name.removeprefix("policy.") for name in model._actor_view.names}
+    assert actor
+    assert actor <= changed  # every trainable actor parameter took the accepted step
+
+
+def test_an_entirely_frozen_actor_is_refused_with_what_to_do():
+    policy = tiny_policy(ACTION_SPACES["box"])
+    for module in (policy.mlp_extractor.policy_net, policy.action_net):
+        module.requires_grad_(False)
+    policy.log_std.requires_grad_(False)
+    obs, _ = sample_batch(policy, n=2)
+    with pytest.raises(ValueError, match=r"does not depend on any trainable parameter.*requires_grad=True"):
+        ActorView(policy, obs)

@@ -116,3 +116,52 @@ def test_metric_is_the_hessian_of_the_kl_in_parameter_space(family):
     double_params = DistributionParams(family, tuple(t.double() for t in params.tensors))
     metric_u = th.cat([t.reshape(-1) for t in fisher_metric_product(double_params, u_parts)])
     th.testing.assert_close(metric_u, hessian @ u, rtol=1e-10, atol=1e-12)
+
+
+def freeze_log_std(policy):
+    policy.log_std.requires_grad_(False)
+
+
+def freeze_mean(policy):
+    """Everything the mean depends on frozen: only ``log_std`` is trained, and the mean has no gradient at all."""
+    for module in (policy.features_extractor, policy.mlp_extractor.policy_net, policy.action_net):
+        module.requires_grad_(False)
+
+
+def freeze_extractor(policy):
+    policy.mlp_extractor.policy_net.requires_grad_(False)
+
+
+FROZEN = {
+    "box-frozen-log-std": (ACTION_SPACES["box"], {}, freeze_log_std),
+    "box-frozen-mean": (ACTION_SPACES["box"], {}, freeze_mean),
+    "box-frozen-policy-net": (ACTION_SPACES["box"], {}, freeze_extractor),
+    "gsde-frozen-log-std": (ACTION_SPACES["box"], {"use_sde": True}, freeze_log_std),
+    "discrete-frozen-policy-net": (ACTION_SPACES["discrete"], {}, freeze_extractor),
+}
+
+
+@pytest.mark.parametrize("name", list(FROZEN))
+def test_fisher_product_with_a_frozen_distribution_parameter_is_the_kl_hessian(name):
+    """A distribution tensor that does not depend on the actor parameters has a zero Jacobian: it adds nothing to
+    F = Jᵀ M J (it used to crash autograd: "element 1 of tensors does not require grad")."""
+    space, kwargs, freeze = FROZEN[name]
+    policy = tiny_policy(space, **kwargs)
+    freeze(policy)
+    obs, actions = sample_batch(policy, n=12)
+    actor = ActorView(policy, obs)
+    theta_old = actor.flat()
+    _, implementations = products(actor, obs, actions, theta_old)
+    with th.no_grad():
+        old_torch = rebuilt_torch_dists(actor.evaluate(theta_old, obs, actions).params)
+
+    def torch_mean_kl(theta):
+        return reference_kl(old_torch, rebuilt_torch_dists(actor.evaluate(theta, obs, actions).params)).mean()
+
+    hessian = th.autograd.functional.hessian(torch_mean_kl, theta_old)
+    assert hessian.abs().max() > 1e-3, "degenerate test: the Hessian is (nearly) zero"
+    v = th.randn(actor.size, generator=th.Generator().manual_seed(0))
+    for label, product in implementations.items():
+        th.testing.assert_close(
+            product(v), hessian @ v + DAMPING * v, rtol=1e-4, atol=1e-5, msg=lambda m, label=label: f"{label}: {m}"
+        )
