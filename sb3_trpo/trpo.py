@@ -80,6 +80,7 @@ class RolloutBatch(NamedTuple):
     :param old_log_prob: log-probabilities of the actions under the policy that collected them
     :param advantages: GAE advantages, normalized if requested
     :param returns: regression targets of the critic
+    :param old_values: the critic's predictions at collection time, for the same states as ``returns``
     """
 
     observations: PyTorchObs
@@ -87,6 +88,7 @@ class RolloutBatch(NamedTuple):
     old_log_prob: th.Tensor
     advantages: th.Tensor
     returns: th.Tensor
+    old_values: th.Tensor
 
 
 class PolicyStepResult(NamedTuple):
@@ -479,7 +481,7 @@ class TRPO(OnPolicyAlgorithm):
             # statistics of the global batch: per-rank normalization would weigh the ranks' advantages differently
             mean, std = self._replica.mean_and_std(advantages)
             advantages = (advantages - mean) / (std + 1e-8)
-        return RolloutBatch(data.observations, actions, data.old_log_prob, advantages, data.returns)
+        return RolloutBatch(data.observations, actions, data.old_log_prob, advantages, data.returns, data.old_values)
 
     def train(self) -> None:
         """Update the policy with one trust-region step, then fit the critic, on the current rollout buffer."""
@@ -621,9 +623,8 @@ class TRPO(OnPolicyAlgorithm):
         :return: the mean loss over the minibatches (or, with no critic update, the loss of the rollout's values)
         """
         if self.n_critic_updates == 0:
-            rollout_loss = F.mse_loss(
-                batch.returns, th.as_tensor(self.rollout_buffer.values.flatten(), device=self.device)
-            ).item()
+            # the batch's own values: the buffer's get() shuffles, so its arrays are in another order than the batch
+            rollout_loss = F.mse_loss(batch.returns, batch.old_values).item()
             return self._replica.mean_of_floats([rollout_loss], self.device)[0]
         actor_ids = {id(p) for p in actor.parameters}
         critic_params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in actor_ids]
