@@ -1,16 +1,19 @@
 """The ``sb3-trpo`` command line: train, eval and plot on short runs, and their error paths."""
 
 import json
+import pickle
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo import TRPO
 from sb3_trpo.cli import main
 from sb3_trpo.cli.presets import DEFAULT, apply_overrides, load_presets, preset_for
-from sb3_trpo.cli.runs import BEST_MODEL, CONFIG, EVALUATIONS, MODEL, VEC_NORMALIZE
+from sb3_trpo.cli.runs import BEST_MODEL, BEST_VEC_NORMALIZE, CONFIG, EVALUATIONS, MODEL, VEC_NORMALIZE
 
 SHORT = ["--timesteps", "2048", "--eval-freq", "1024", "--eval-episodes", "2", "--seed", "0", "--no-progress-bar"]
 SMALL = ["--hyperparams", "n_steps=256", "batch_size=128", "n_critic_updates=2"]
@@ -55,13 +58,72 @@ def test_train_prints_progress_and_a_summary(tmp_path, capsys, monkeypatch):
     assert str(output / MODEL) in printed
 
 
-def test_train_with_normalize_saves_the_vec_normalize_statistics_and_eval_uses_them(tmp_path, capsys):
-    output = tmp_path / "acrobot"
-    assert main(["train", "Acrobot-v1", "--output", str(output), *SHORT, *SMALL]) == 0  # preset: normalize=true
-    assert (output / VEC_NORMALIZE).is_file()
-    capsys.readouterr()
-    assert main(["eval", str(output), "--episodes", "2"]) == 0
-    assert "Acrobot-v1: return" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def acrobot_run(tmp_path_factory):
+    """A short run of a normalized preset (Acrobot-v1: normalize=true), evaluated every 512 timesteps."""
+    output = tmp_path_factory.mktemp("runs") / "acrobot"
+    short = [*SHORT[:2], "--eval-freq", "512", *SHORT[4:]]
+    assert main(["train", "Acrobot-v1", "--output", str(output), *short, *SMALL]) == 0
+    return output
+
+
+def _evaluated_env(monkeypatch, argv):
+    """Run ``sb3-trpo eval`` with ``argv`` and return the environment it evaluated on."""
+    import sb3_trpo.cli.evaluate
+
+    seen = []
+
+    def recording_evaluate_policy(model, env, **kwargs):
+        seen.append(env)
+        return [0.0], [1]
+
+    monkeypatch.setattr(sb3_trpo.cli.evaluate, "evaluate_policy", recording_evaluate_policy)
+    assert main(["eval", *argv]) == 0
+    (env,) = seen
+    return env
+
+
+def _statistics(path):
+    with open(path, "rb") as file:
+        return pickle.load(file)
+
+
+def test_train_with_normalize_saves_the_vec_normalize_statistics_and_eval_uses_them(acrobot_run, monkeypatch):
+    saved = _statistics(acrobot_run / VEC_NORMALIZE)
+    # obs_rms counts the n_envs first observations and n_envs per step (plus its epsilon): the end of training
+    assert saved.obs_rms.count == pytest.approx(2048 + 2, abs=1e-3)
+    env = _evaluated_env(monkeypatch, [str(acrobot_run), "--episodes", "2"])
+    assert isinstance(env, VecNormalize)
+    np.testing.assert_array_equal(env.obs_rms.mean, saved.obs_rms.mean)
+    np.testing.assert_array_equal(env.obs_rms.var, saved.obs_rms.var)
+    assert not env.training
+    assert not env.norm_reward
+
+
+def test_eval_best_uses_the_statistics_saved_with_the_best_model(acrobot_run, monkeypatch):
+    evaluations = np.load(acrobot_run / EVALUATIONS)
+    best_timestep = int(evaluations["timesteps"][np.argmax(evaluations["results"].mean(axis=1))])
+    assert best_timestep < 2048, "the test needs a best model saved before the end of training"
+    best = _statistics(acrobot_run / BEST_VEC_NORMALIZE)
+    assert best.obs_rms.count == pytest.approx(best_timestep + 2, abs=1e-3)  # the statistics of that moment
+    final = _statistics(acrobot_run / VEC_NORMALIZE)
+    assert not np.allclose(best.obs_rms.mean, final.obs_rms.mean)
+    env = _evaluated_env(monkeypatch, [str(acrobot_run), "--best", "--episodes", "2"])
+    np.testing.assert_array_equal(env.obs_rms.mean, best.obs_rms.mean)
+    np.testing.assert_array_equal(env.obs_rms.var, best.obs_rms.var)
+    # the best model given as a file finds its statistics too
+    env = _evaluated_env(monkeypatch, [str(acrobot_run / BEST_MODEL), "--episodes", "2"])
+    np.testing.assert_array_equal(env.obs_rms.mean, best.obs_rms.mean)
+
+
+def test_eval_best_of_a_normalized_run_without_best_statistics_is_refused(acrobot_run, tmp_path, capsys):
+    old_run = tmp_path / "old"
+    shutil.copytree(acrobot_run, old_run)
+    (old_run / BEST_VEC_NORMALIZE).unlink()  # as runs made before the best model's statistics were saved
+    assert main(["eval", str(old_run), "--best", "--episodes", "2"]) == 2
+    message = capsys.readouterr().err
+    assert BEST_VEC_NORMALIZE in message
+    assert "without --best" in message
 
 
 def test_eval_prints_mean_and_std_over_n_episodes(cartpole_run, capsys):

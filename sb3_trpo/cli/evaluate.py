@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise CliError(f"--episodes {args.episodes}: must be >= 1.")
     model_file, run_folder = _locate(args.model_path, args.best)
+    statistics = _statistics_for(model_file, run_folder)
     config = runs.read_config(run_folder) or {}
     env_id = args.env_id or config.get("env_id")
     if env_id is None:
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.video is not None and importlib.util.find_spec("moviepy") is None:
         raise CliError("--video needs moviepy, which gymnasium's RecordVideo writes videos with: pip install moviepy")
 
-    env = _make_env(env_id, args.seed, run_folder, args.video, args.episodes)
+    env = _make_env(env_id, args.seed, statistics, args.video, args.episodes)
     try:
         model = TRPO.load(model_file, env=env, device=args.device)
     except ValueError as error:
@@ -73,7 +74,30 @@ def _locate(path: Path, best: bool) -> tuple[Path, Path]:
     raise CliError(f"{path} does not exist: give a run folder made by `sb3-trpo train` or a model .zip file.")
 
 
-def _make_env(env_id: str, seed: int, run_folder: Path, video: Path | None, episodes: int) -> VecEnv:
+def _statistics_for(model_file: Path, run_folder: Path) -> Path | None:
+    """:return: the VecNormalize statistics the model was trained and selected with, or ``None`` if not normalized
+
+    The best model goes with the statistics saved when it was selected; the final model with those at the end.
+
+    :raises CliError: for a best model of a normalized run that has only the final statistics (runs made before
+        they were saved), which would normalize its observations differently from how it was trained
+    """
+    final = run_folder / runs.VEC_NORMALIZE
+    if model_file.name != runs.BEST_MODEL:
+        return final if final.is_file() else None
+    best = run_folder / runs.BEST_VEC_NORMALIZE
+    if best.is_file():
+        return best
+    if final.is_file():
+        raise CliError(
+            f"{run_folder} has no {runs.BEST_VEC_NORMALIZE}: the best model's normalization statistics were not saved "
+            f"(the run predates sb3-trpo saving them), and the final {runs.VEC_NORMALIZE} would normalize its "
+            "observations differently. Evaluate the final model (without --best), or train the run again."
+        )
+    return None
+
+
+def _make_env(env_id: str, seed: int, statistics: Path | None, video: Path | None, episodes: int) -> VecEnv:
     if video is None:
         env = runs.make_env(env_id, 1, seed)
     else:
@@ -85,8 +109,7 @@ def _make_env(env_id: str, seed: int, run_folder: Path, video: Path | None, epis
             # the evaluated episodes only, not the one the vectorized env starts by itself after the last
             wrapper_class=lambda e: RecordVideo(e, str(video), episode_trigger=lambda i: i < episodes, disable_logger=True),
         )
-    statistics = run_folder / runs.VEC_NORMALIZE
-    if statistics.is_file():  # the model was trained on normalized observations: evaluate with the same statistics
+    if statistics is not None:  # the model was trained on normalized observations: evaluate with the same statistics
         env = VecNormalize.load(str(statistics), env)
         env.training, env.norm_reward = False, False
     return env

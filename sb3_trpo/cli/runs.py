@@ -15,6 +15,7 @@ CONFIG = "config.json"  # environment, seed, run settings and hyperparameters of
 MODEL = "model.zip"  # the model at the end of training
 BEST_MODEL = "best_model.zip"  # the model with the best periodic evaluation (SB3's EvalCallback)
 VEC_NORMALIZE = "vecnormalize.pkl"  # VecNormalize statistics at the end of training, when normalized
+BEST_VEC_NORMALIZE = "best_vecnormalize.pkl"  # VecNormalize statistics when the best model was saved, when normalized
 EVALUATIONS = "evaluations.npz"  # periodic evaluations: timesteps, returns, episode lengths (SB3's EvalCallback)
 
 

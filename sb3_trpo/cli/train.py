@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
                 n_eval_episodes=args.eval_episodes,
                 eval_freq=max(args.eval_freq // n_envs, 1),  # counted in calls, one call = n_envs steps
                 best_model_save_path=str(output),
+                # the statistics the best model was evaluated with, saved beside it (a later best overwrites both)
+                callback_on_new_best=SaveVecNormalize(output / runs.BEST_VEC_NORMALIZE) if settings.normalize else None,
                 log_path=str(output),
                 deterministic=True,
                 verbose=0,
@@ -121,6 +123,26 @@ def run(args: argparse.Namespace) -> int:
 
     _summary(model, eval_env, output, wall)
     return 0
+
+
+class SaveVecNormalize(BaseCallback):
+    """Save the training environment's VecNormalize statistics; run by ``EvalCallback`` at each new best model.
+
+    ``EvalCallback`` evaluates with the training statistics synchronized into the evaluation environment, so the
+    statistics saved at that moment are the ones that go with the best model, not those at the end of training.
+
+    :param path: file the statistics are written to
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def _on_step(self) -> bool:
+        vec_normalize = self.model.get_vec_normalize_env()
+        if vec_normalize is not None:
+            vec_normalize.save(str(self.path))
+        return True
 
 
 class TextProgress(BaseCallback):
@@ -163,6 +185,8 @@ def _summary(model: TRPO, eval_env: VecEnv, output: Path, wall: float) -> None:
     lines.append(f"  final model      {output / runs.MODEL}")
     if (output / runs.VEC_NORMALIZE).is_file():
         lines.append(f"  VecNormalize     {output / runs.VEC_NORMALIZE}")
+    if (output / runs.BEST_VEC_NORMALIZE).is_file():
+        lines.append(f"  best's VecNorm.  {output / runs.BEST_VEC_NORMALIZE}")
     lines.append(f"  next             sb3-trpo eval {output}  |  sb3-trpo plot {output}")
     print("\n".join(lines))
 
