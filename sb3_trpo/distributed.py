@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch as th
+from stable_baselines3.common.callbacks import ProgressBarCallback
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from torch import distributed as dist
 
@@ -177,6 +178,25 @@ class Replica:
         with th.no_grad():
             for tensor in tensors:
                 dist.broadcast(tensor, src=0)
+
+
+class GlobalProgressBarCallback(ProgressBarCallback):
+    """SB3's progress bar, counting the samples of every rank.
+
+    The total is the global budget (``total_timesteps`` counts all ranks' samples), so rank 0 advances it by what
+    all ranks collect per step: its own ``num_envs`` times the world size (every rank has the same rollout size,
+    checked when learning starts).
+
+    :param world_size: number of processes
+    """
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__()
+        self.world_size = world_size
+
+    def _on_step(self) -> bool:
+        self.pbar.update(self.training_env.num_envs * self.world_size)
+        return True
 
 
 def synchronize_running_stats(

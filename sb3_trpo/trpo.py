@@ -12,7 +12,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
@@ -26,6 +26,7 @@ from sb3_trpo.actor import ActorView, PolicyEvaluation
 from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.distributed import (
     Distributed,
+    GlobalProgressBarCallback,
     Replica,
     broadcast_running_stats,
     join_process_group,
@@ -436,6 +437,16 @@ class TRPO(OnPolicyAlgorithm):
         finally:
             if quiet:  # the next learn() configures the logger again, as SB3 does
                 self._custom_logger = False
+
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        """SB3's callback set-up; in data-parallel training the progress bar counts the samples of all ranks."""
+        if not (progress_bar and self._replica.is_distributed):
+            return super()._init_callback(callback, progress_bar)
+        if isinstance(callback, list):
+            callback = CallbackList(callback)
+        if not isinstance(callback, BaseCallback):
+            callback = ConvertCallback(callback)
+        return super()._init_callback(CallbackList([callback, GlobalProgressBarCallback(self._replica.world_size)]))
 
     def _check_rollout_is_finite(self) -> None:
         """Refuse to learn from NaN or infinite observations, rewards, values or advantages.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, ProgressBarCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import Logger
@@ -52,7 +52,13 @@ def train(out: Path) -> None:
     model = TRPO("MlpPolicy", env, n_steps=512, batch_size=128, seed=0, distributed=True, tensorboard_log=str(out / "tb"))
     initial = flat_parameters(model)
     callback = FirstObservations()
-    model.learn(TRAIN_TIMESTEPS, callback=callback)
+    set_up = model._init_callback
+    callbacks: list[BaseCallback] = []
+    # keep the callback learn() builds, to read its progress bar afterwards
+    model._init_callback = lambda *args, **kwargs: callbacks.append(set_up(*args, **kwargs)) or callbacks[-1]  # type: ignore[method-assign]
+    model.learn(TRAIN_TIMESTEPS, callback=callback, progress_bar=True)
+    del model._init_callback  # not saved with the model
+    bars = [c for c in getattr(callbacks[0], "callbacks", []) if isinstance(c, ProgressBarCallback)]
     model.save(out / "model")
     env.training = False
     mean_return, _ = evaluate_policy(model, env, n_eval_episodes=5, deterministic=True)
@@ -66,6 +72,7 @@ def train(out: Path) -> None:
             "obs_rms": (env.obs_rms.mean, env.obs_rms.var, env.obs_rms.count),
             "ret_rms": (env.ret_rms.mean, env.ret_rms.var, env.ret_rms.count),
             "mean_return": mean_return,
+            "progress_bars": [bar.pbar.n for bar in bars],  # rank 0 alone shows one
         },
         out / f"rank{dist.get_rank()}.pt",
     )

@@ -56,6 +56,12 @@ def test_total_timesteps_is_the_global_budget(trained):
         assert rank["local_steps"] == TRAIN_TIMESTEPS // 2  # each collected half of them
 
 
+def test_the_progress_bar_of_rank_0_counts_the_samples_of_all_ranks(trained):
+    _, (rank0, rank1) = trained
+    assert rank0["progress_bars"] == [TRAIN_TIMESTEPS]  # the global budget, reached
+    assert rank1["progress_bars"] == []  # one bar, not one per rank
+
+
 def test_each_rank_seeds_its_environments_differently(trained):
     _, (rank0, rank1) = trained
     assert not np.allclose(rank0["first_observations"], rank1["first_observations"])
