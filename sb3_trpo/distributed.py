@@ -38,14 +38,48 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def join_process_group(distributed: Distributed, device: th.device) -> "Replica":
+def local_world_size() -> int:
+    """:return: the number of processes on this machine (``LOCAL_WORLD_SIZE``, else ``WORLD_SIZE``, else 1)"""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def gpu_for_process(rank_on_machine: int, processes_on_machine: int, gpus_on_machine: int) -> tuple[th.device, str]:
+    """The GPU a data-parallel process takes when its device is plain ``"cuda"`` (or ``"auto"`` with a GPU),
+    and the process-group backend that works with it.
+
+    Processes are spread over the GPUs round-robin (``LOCAL_RANK % device_count``). With one process per GPU (or
+    fewer), that is nccl's usual layout. nccl refuses two ranks on one GPU, so with more processes than GPUs the
+    group uses gloo, which also reduces CUDA tensors (all-reduce and broadcast, all that :class:`Replica` uses).
+
+    :param rank_on_machine: this process's rank on its machine (torchrun's ``LOCAL_RANK``)
+    :param processes_on_machine: processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``)
+    :param gpus_on_machine: CUDA devices visible to this process (``torch.cuda.device_count()``)
+    :return: the device and the backend (``"nccl"`` or ``"gloo"``)
+    :raises RuntimeError: if no GPU is visible, or the ranks are inconsistent
+    """
+    if gpus_on_machine < 1:
+        raise RuntimeError(
+            'device="cuda", but this process sees no CUDA device: pass device="cpu" (or "auto", which takes a GPU '
+            "only if there is one), or check CUDA_VISIBLE_DEVICES."
+        )
+    if not 0 <= rank_on_machine < processes_on_machine:
+        raise RuntimeError(
+            f"LOCAL_RANK={rank_on_machine} is not below LOCAL_WORLD_SIZE={processes_on_machine}: launch with torchrun, "
+            "which sets both."
+        )
+    backend = "nccl" if processes_on_machine <= gpus_on_machine else "gloo"
+    return th.device("cuda", rank_on_machine % gpus_on_machine), backend
+
+
+def join_process_group(distributed: Distributed, device: th.device, backend: str | None = None) -> "Replica":
     """The data-parallel context of this process, initializing the default process group if needed.
 
     :param distributed: ``True``: a process group is required (initialized by the user, or from torchrun's
         environment); ``"auto"``: use one if there is one or torchrun launched this process, else run alone;
         ``False``: run alone
-    :param device: the policy's device; it chooses the backend when the group is initialized here (nccl for
-        CUDA, gloo otherwise)
+    :param device: the policy's device; it chooses the backend when the group is initialized here and
+        ``backend`` is not given (nccl for CUDA, gloo otherwise)
+    :param backend: the backend to initialize the group with, if not the device's default
     :return: the context (world size 1 when running alone)
     :raises RuntimeError: if ``distributed=True`` and there is neither a process group nor a launcher environment
     """
@@ -67,7 +101,9 @@ def join_process_group(distributed: Distributed, device: th.device) -> "Replica"
                 'machines), initialize a process group yourself, or pass distributed="auto" to run as a single '
                 "process when no launcher is present."
             )
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if backend is None:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
     return Replica(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 

@@ -29,9 +29,11 @@ from sb3_trpo.distributed import (
     GlobalProgressBarCallback,
     Replica,
     broadcast_running_stats,
+    gpu_for_process,
     join_process_group,
     launched_by_torchrun,
     local_rank,
+    local_world_size,
     synchronize_running_stats,
 )
 from sb3_trpo.distributions import kl_divergence
@@ -304,16 +306,24 @@ class TRPO(OnPolicyAlgorithm):
     def _setup_model(self) -> None:
         # `distributed` may come from TRPO.load's keyword arguments, which skip the constructor's checks
         check_arguments({"distributed": self.distributed})
+        backend = None
         if (
             self.distributed is not False
             and self.device.type == "cuda"
             and self.device.index is None
             and launched_by_torchrun()
         ):
-            # one GPU per process on a machine: torchrun's LOCAL_RANK picks it
-            self.device = th.device("cuda", local_rank())
+            # the processes of a machine spread over its GPUs; with more processes than GPUs they share them
+            self.device, backend = gpu_for_process(local_rank(), local_world_size(), th.cuda.device_count())
+            if backend != "nccl":
+                warnings.warn(
+                    f"{local_world_size()} processes share {th.cuda.device_count()} GPU(s) on this machine, so the "
+                    f"process group uses {backend} (nccl allows one process per GPU), which is slower. Launch with "
+                    "torchrun --nproc_per_node equal to the number of GPUs for nccl.",
+                    stacklevel=2,
+                )
             th.cuda.set_device(self.device)
-        self._replica = join_process_group(self.distributed, self.device)
+        self._replica = join_process_group(self.distributed, self.device, backend)
         if (
             "optimizer_kwargs" not in self.policy_kwargs
             and self.policy_kwargs.get("optimizer_class", th.optim.Adam) is th.optim.Adam

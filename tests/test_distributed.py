@@ -12,7 +12,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import Logger
 
 from sb3_trpo import TRPO
-from sb3_trpo.distributed import LAUNCHER_VARIABLES, Replica, raw_moments, set_from_raw_moments
+from sb3_trpo.distributed import LAUNCHER_VARIABLES, Replica, gpu_for_process, raw_moments, set_from_raw_moments
 from tests.distributed_worker import BUFFER_FIELDS, TRAIN_TIMESTEPS, flat_parameters
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -179,3 +179,48 @@ def test_a_single_replica_reduces_to_the_identity():
     assert replica.mean_of_floats([1.0, 2.0], th.device("cpu")) == [1.0, 2.0]
     assert replica.all_agree(3, th.device("cpu"))
     assert replica.bytes_reduced == 0
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "processes", "gpus", "device", "backend"),
+    [
+        (0, 1, 1, "cuda:0", "nccl"),
+        (1, 2, 2, "cuda:1", "nccl"),  # one GPU per process
+        (3, 4, 8, "cuda:3", "nccl"),  # fewer processes than GPUs
+        (0, 2, 1, "cuda:0", "gloo"),  # two processes share one GPU: nccl would refuse it
+        (1, 2, 1, "cuda:0", "gloo"),
+        (2, 3, 2, "cuda:0", "gloo"),  # round-robin
+    ],
+)
+def test_processes_spread_over_the_gpus_and_share_them_over_gloo(local_rank, processes, gpus, device, backend):
+    assert gpu_for_process(local_rank, processes, gpus) == (th.device(device), backend)
+
+
+def test_a_process_that_sees_no_gpu_is_told_what_to_pass():
+    with pytest.raises(RuntimeError, match=r'sees no CUDA device: pass device="cpu"'):
+        gpu_for_process(0, 2, 0)
+
+
+class _GroupJoinedError(Exception):
+    """Raised by the fake process-group set-up, to stop before anything is put on the (absent) GPU."""
+
+
+def test_two_processes_on_a_machine_with_one_gpu_share_it(monkeypatch):
+    import sb3_trpo.trpo
+
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    for name, value in {**launcher, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(th.cuda, "is_available", lambda: True)  # SB3 would otherwise turn "cuda" into "cpu"
+    monkeypatch.setattr(th.cuda, "device_count", lambda: 1)
+    chosen = []
+    monkeypatch.setattr(th.cuda, "set_device", chosen.append)
+
+    def join(distributed, device, backend=None):
+        chosen.append((device, backend))
+        raise _GroupJoinedError
+
+    monkeypatch.setattr(sb3_trpo.trpo, "join_process_group", join)
+    with pytest.warns(UserWarning, match=r"2 processes share 1 GPU\(s\).*gloo"), pytest.raises(_GroupJoinedError):
+        TRPO("MlpPolicy", "CartPole-v1", device="cuda", distributed=True)
+    assert chosen == [th.device("cuda", 0), (th.device("cuda", 0), "gloo")]  # cuda:1 does not exist here
