@@ -282,12 +282,16 @@ class TRPO(OnPolicyAlgorithm):
             check_spaces(self.observation_space, self.action_space)
         if self.env is not None:
             check_against_spaces(self.observation_space, rollout_buffer_class)
-            self._check_rollout_size()
+            if _init_setup_model:  # TRPO.load checks after restoring the saved settings, not these defaults
+                self._check_rollout_size()
         if _init_setup_model:
             self._setup_model()
 
-    def _check_rollout_size(self) -> None:
-        """Refuse a rollout too small to normalize, and warn about a truncated last minibatch."""
+    def _check_rollout_size(self, stacklevel: int = 3) -> None:
+        """Refuse a rollout too small to normalize, and warn about a truncated last minibatch.
+
+        :param stacklevel: of the warning, so that it points at the user's call
+        """
         assert self.env is not None
         buffer_size = self.env.num_envs * self.n_steps
         if self.normalize_advantage and buffer_size <= 1:
@@ -300,7 +304,7 @@ class TRPO(OnPolicyAlgorithm):
                 f"The critic's minibatch size {self.batch_size} does not divide the rollout size "
                 f"n_steps * n_envs = {buffer_size}: every epoch ends with a truncated minibatch of "
                 f"{buffer_size % self.batch_size} samples. A batch_size that divides {buffer_size} avoids it.",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def _setup_model(self) -> None:
@@ -324,17 +328,35 @@ class TRPO(OnPolicyAlgorithm):
                 )
             th.cuda.set_device(self.device)
         self._replica = join_process_group(self.distributed, self.device, backend)
-        if (
-            "optimizer_kwargs" not in self.policy_kwargs
-            and self.policy_kwargs.get("optimizer_class", th.optim.Adam) is th.optim.Adam
-            and self.device.type in ("cpu", "cuda")
-        ):
-            # SB3's default Adam for the critic (eps=1e-5), with torch's fused kernel: the critic step makes
-            # hundreds of small optimizer steps per update, and the fused one is about 3x cheaper per step
-            self.policy_kwargs = {**self.policy_kwargs, "optimizer_kwargs": {"eps": 1e-5, "fused": True}}
         super()._setup_model()
+        self._choose_adam_kernel()
         # every rank starts from rank 0's initial parameters
         self._replica.broadcast_tensors(self.policy.state_dict().values())
+
+    def _choose_adam_kernel(self) -> None:
+        """Run SB3's default critic optimizer (Adam, ``eps=1e-5``) with torch's fused kernel where this device has it.
+
+        The critic step makes hundreds of small optimizer steps per update, and the fused kernel is the cheapest.
+        The choice belongs to the device the model runs on, not to the model: it is not written into
+        ``policy_kwargs`` (which are saved, and which ``TRPO.load`` compares with the ones it is given), and it is
+        made again after parameters and optimizer state are loaded, since the saved state carries the flag of the
+        device it was saved on. A user's own ``optimizer_class`` or ``optimizer_kwargs`` are left as they are.
+        """
+        if "optimizer_kwargs" in self.policy_kwargs or self.policy_kwargs.get("optimizer_class", th.optim.Adam) is not (
+            th.optim.Adam
+        ):
+            return
+        set_adam_kernel(self.policy.optimizer, fused=self.device.type in FUSED_ADAM_DEVICES)
+
+    def set_parameters(
+        self,
+        load_path_or_dict: str | dict[str, th.Tensor],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """SB3's ``set_parameters``, then the Adam kernel chosen for this model's device (see ``_choose_adam_kernel``)."""
+        super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
+        self._choose_adam_kernel()
 
     def set_random_seed(self, seed: int | None = None) -> None:
         """Seed the random generators as SB3 does; in data-parallel training, each rank differently.
@@ -743,11 +765,14 @@ class TRPO(OnPolicyAlgorithm):
     ) -> SelfTRPO:
         """Load a model saved by ``sb3_trpo.TRPO`` or by ``sb3_contrib.TRPO`` (same format, same policies).
 
-        The file is checked first: a truncated or damaged file raises a ``ValueError`` saying so.
+        The file is checked first: a truncated or damaged file raises a ``ValueError`` saying so. Keyword
+        arguments that override saved settings (``target_kl=0.02``, ``n_steps=...``) are checked as the constructor
+        checks them, and the rollout size is checked with the settings the model ends up with.
         Other arguments as in SB3's ``BaseAlgorithm.load``.
         """
+        check_arguments(kwargs)
         check_model_file(path)
-        return super().load(
+        model = super().load(
             path,
             env=env,
             device=device,
@@ -756,6 +781,9 @@ class TRPO(OnPolicyAlgorithm):
             force_reset=force_reset,
             **kwargs,
         )
+        if model.env is not None:
+            model._check_rollout_size(stacklevel=2)
+        return model
 
     def learn(
         self: SelfTRPO,
@@ -774,6 +802,27 @@ class TRPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+
+#: device types on which ``torch.optim.Adam(fused=True)`` runs (the critic's default optimizer uses it there)
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def set_adam_kernel(optimizer: th.optim.Optimizer, fused: bool) -> None:
+    """Switch an Adam optimizer to torch's fused kernel or off it, keeping its state.
+
+    Round-tripping through ``load_state_dict`` lets torch place each parameter's ``step`` counter where the
+    chosen kernel wants it (fused: a float32 tensor on the parameter's device).
+
+    :param optimizer: a ``torch.optim.Adam``
+    :param fused: whether to use the fused kernel
+    """
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["fused"] = fused
+        if fused:
+            group["foreach"] = None  # torch refuses fused and foreach together
+    optimizer.load_state_dict(state)
 
 
 class _CriticSnapshot:

@@ -1,6 +1,7 @@
 """Checkpoints: damaged files are named as such, saving is atomic, sb3-contrib models migrate, training resumes."""
 
 import io
+import warnings
 import zipfile
 
 import numpy as np
@@ -147,3 +148,44 @@ def test_save_load_continue_keeps_the_timestep_count_in_the_logs(tmp_path):
     steps = [event.step for event in accumulator.Scalars("train/kl_divergence_loss")]
     assert steps == sorted(steps)
     assert steps[-1] > 192
+
+
+def test_settings_passed_to_load_are_checked(saved):
+    path, _ = saved
+    with pytest.raises(ValueError, match=r"target_kl=-1\.0 is not allowed: target_kl must be"):
+        TRPO.load(path, target_kl=-1.0)
+    with pytest.raises(ValueError, match=r"n_steps=0 is not allowed"):
+        TRPO.load(path, n_steps=0)
+
+
+def test_the_rollout_size_is_checked_with_the_settings_the_loaded_model_has(saved):
+    path, _ = saved
+    env = make_vec_env("CartPole-v1", n_envs=1)
+    with pytest.raises(ValueError, match=r"n_steps \* n_envs = 1 \* 1 = 1: with normalize_advantage=True"):
+        TRPO.load(path, env=env, n_steps=1)
+    # the saved n_steps=64 with a new batch size that does not divide it
+    with pytest.warns(UserWarning, match=r"minibatch size 48 does not divide the rollout size n_steps \* n_envs = 64"):
+        TRPO.load(path, env=env, batch_size=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TRPO.load(path, env=env)  # the saved settings fit: nothing to say
+
+
+def test_the_fused_adam_choice_is_not_saved_and_follows_the_device(saved, tmp_path, monkeypatch):
+    path, model = saved
+    assert model.policy.optimizer.param_groups[0]["fused"] is True
+    assert model.policy_kwargs == SMALL["policy_kwargs"]  # what the user passed, nothing added
+    # so the user's own policy_kwargs are accepted again by SB3's load, which compares them with the saved ones
+    TRPO.load(path, policy_kwargs=SMALL["policy_kwargs"])
+    # a device without the fused kernel: the loaded optimizer runs the plain one, with the saved Adam state
+    monkeypatch.setattr(sb3_trpo.trpo, "FUSED_ADAM_DEVICES", ())
+    loaded = TRPO.load(path, env=make_vec_env("CartPole-v1", n_envs=1))
+    assert all(group["fused"] is False for group in loaded.policy.optimizer.param_groups)
+    before, after = model.policy.optimizer.state_dict()["state"], loaded.policy.optimizer.state_dict()["state"]
+    assert before.keys() == after.keys()
+    for key in before:
+        th.testing.assert_close(after[key]["exp_avg"], before[key]["exp_avg"], rtol=0, atol=0)
+    loaded.learn(64)
+    assert all(group["fused"] is False for group in loaded.policy.optimizer.param_groups)
+    # and a model built here from the start never uses it
+    assert TRPO("MlpPolicy", "CartPole-v1", **SMALL).policy.optimizer.param_groups[0]["fused"] is False
