@@ -68,5 +68,6 @@ def test_diagnostics_are_consistent():
     assert values["train/surrogate_improvement"] == pytest.approx(values["train/expected_improvement"], rel=0.5)
     assert values["train/step_size"] > 0
     assert 0 <= values["train/line_search_steps"] < model.line_search_max_iter
-    assert 0 <= values["train/cg_residual"] < 1
+    # 10 CG steps nearly solve this system (3e-5 here); one step alone would not (its exact value: test_step.py)
+    assert 0 <= values["train/cg_residual"] < 1e-2
     assert 0 < values["train/entropy"] <= 0.6932  # two actions: at most log 2
