@@ -135,8 +135,21 @@ def test_replacing_a_module_rebuilds_the_view():
 @pytest.mark.parametrize("space", ["discrete", "box"])
 def test_views_of_two_policies_are_independent(space):
     a, b = tiny_policy(ACTION_SPACES[space], seed=0), tiny_policy(ACTION_SPACES[space], seed=1)
-    obs, _ = sample_batch(a, n=2)
-    assert not th.equal(ActorView(a, obs).flat(), ActorView(b, obs).flat())
+    obs, actions = sample_batch(a, n=8)
+    view_a, view_b = ActorView(a, obs), ActorView(b, obs)
+    a_before, b_before = view_a.flat().clone(), view_b.flat().clone()
+    b_state = {name: tensor.clone() for name, tensor in b.state_dict().items()}
+    with th.no_grad():
+        b_log_prob = b.evaluate_actions(obs, actions)[1]
+    view_a.commit(a_before + 0.1)  # a step of one policy
+    assert th.equal(view_a.flat(), a_before + 0.1)
+    assert th.equal(view_b.flat(), b_before)  # leaves the other one alone: its parameters, its view
+    for name, tensor in b.state_dict().items():
+        assert th.equal(tensor, b_state[name]), name
+    with th.no_grad():
+        assert th.equal(b.evaluate_actions(obs, actions)[1], b_log_prob)
+    assert view_a.is_view_of(a)
+    assert not view_a.is_view_of(b)
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from sb3_trpo import TRPO
+from tests.helpers import import_sb3_contrib
 
 # defaults that deliberately follow the reference notebook instead of sb3-contrib
 NOTEBOOK_DEFAULTS = {"cg_max_steps": 10, "line_search_shrinking_factor": 0.5, "line_search_max_iter": 15}
 
 
 def contrib_parameters() -> dict[str, inspect.Parameter]:
-    sb3_contrib = pytest.importorskip("sb3_contrib")
+    sb3_contrib = import_sb3_contrib()
     return dict(inspect.signature(sb3_contrib.TRPO.__init__).parameters)
 
 

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import sb3_trpo.trpo
 from sb3_trpo import TRPO
+from tests.helpers import import_sb3_contrib
 
 SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=2, policy_kwargs=dict(net_arch=[16]))
 
@@ -112,7 +113,7 @@ def test_save_adds_the_suffix_and_creates_folders(saved, tmp_path):
 
 
 def test_sb3_contrib_model_loads_and_acts_identically(tmp_path):
-    sb3_contrib = pytest.importorskip("sb3_contrib")
+    sb3_contrib = import_sb3_contrib()
     theirs = sb3_contrib.TRPO("MlpPolicy", "Pendulum-v1", seed=0, use_sde=True, **SMALL)
     theirs.learn(128)
     theirs.save(tmp_path / "contrib_model")

@@ -8,6 +8,7 @@ from stable_baselines3.common.callbacks import (
     BaseCallback,
     CheckpointCallback,
     EvalCallback,
+    ProgressBarCallback,
     StopTrainingOnRewardThreshold,
 )
 from stable_baselines3.common.env_util import make_vec_env
@@ -104,14 +105,25 @@ def test_vecnormalize(tmp_path):
     env = VecNormalize(cartpole(n_envs=2), norm_obs=True, norm_reward=True)
     model = TRPO("MlpPolicy", env, seed=0, **SMALL)
     model.learn(256)
-    assert env.obs_rms.count > 256
+    assert env.obs_rms.count == pytest.approx(2 + 256, abs=1e-3)  # the 2 first observations, then every step
+    assert env.ret_rms.count == pytest.approx(256, abs=1e-3)
     model.save(tmp_path / "model")
     env.save(str(tmp_path / "vecnormalize.pkl"))
     eval_env = VecNormalize.load(str(tmp_path / "vecnormalize.pkl"), cartpole(seed=5))
     eval_env.training = False
     eval_env.norm_reward = False
-    mean, _ = evaluate_policy(TRPO.load(tmp_path / "model"), eval_env, n_eval_episodes=2)
-    assert mean > 0
+    # the saved statistics normalize as the training env did, and the loaded model acts as the trained one
+    raw = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    expected = np.clip((raw - env.obs_rms.mean) / np.sqrt(env.obs_rms.var + env.epsilon), -env.clip_obs, env.clip_obs)
+    np.testing.assert_allclose(eval_env.normalize_obs(raw), expected, rtol=1e-6)
+    loaded = TRPO.load(tmp_path / "model")
+    np.testing.assert_array_equal(
+        loaded.predict(eval_env.normalize_obs(raw), deterministic=True)[0],
+        model.predict(env.normalize_obs(raw), deterministic=True)[0],
+    )
+    # evaluation sees the true rewards: CartPole's return is its episode length
+    returns, lengths = evaluate_policy(loaded, eval_env, n_eval_episodes=2, return_episode_rewards=True)
+    assert returns == [float(length) for length in lengths]
 
 
 def test_subproc_vec_env():
@@ -125,15 +137,30 @@ def test_subproc_vec_env():
 
 
 def test_progress_bar(capsys):
-    model = TRPO("MlpPolicy", cartpole(), seed=0, **SMALL)
-    model.learn(128, progress_bar=True)
-    assert model.num_timesteps == 128
+    model = TRPO("MlpPolicy", cartpole(n_envs=2), seed=0, **SMALL)
+    set_up = model._init_callback
+    built = []
+    model._init_callback = lambda *args, **kwargs: built.append(set_up(*args, **kwargs)) or built[-1]  # type: ignore[method-assign]
+    model.learn(256, progress_bar=True)
+    (bar,) = [c for c in built[0].callbacks if isinstance(c, ProgressBarCallback)]
+    assert bar.pbar.total == 256
+    assert bar.pbar.n == 256  # it advanced with every step of both environments, to the end
 
 
 def test_evaluate_policy_returns_per_episode_rewards():
     model = TRPO("MlpPolicy", cartpole(), seed=0, **SMALL)
+    model.learn(128)
     rewards, lengths = evaluate_policy(model, cartpole(seed=2), n_eval_episodes=3, return_episode_rewards=True)
     assert len(rewards) == len(lengths) == 3
+    assert rewards == [float(length) for length in lengths]  # CartPole: one point per step
+    # the first episode, played by hand with the model's deterministic actions from the same seed
+    env = cartpole(seed=2)
+    obs, done, total = env.reset(), False, 0.0
+    while not done:
+        action, _ = model.predict(obs, deterministic=True)
+        obs, reward, dones, _ = env.step(action)
+        total, done = total + float(reward[0]), bool(dones[0])
+    assert rewards[0] == total
 
 
 def test_get_and_set_parameters():
