@@ -27,17 +27,20 @@ def test_readme_example_solves_cartpole():
 
 
 @pytest.mark.slow
-def test_readme_example_solves_cartpole_on_most_seeds():
+def test_readme_example_solves_cartpole_on_every_seed():
     results = [readme_example()(seed=seed)[0] for seed in range(3)]
-    assert sum(mean >= 500.0 for mean in results) >= 2, results
+    assert all(mean >= 500.0 for mean in results), results  # as the README says: seeds 0, 1 and 2 reach 500
 
 
-def test_pendulum_improves():
+def test_pendulum_swings_up_and_balances():
+    # rl-zoo3's Pendulum-v1 settings for TRPO, at its 100k-step budget
     env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
     model = TRPO("MlpPolicy", env, gamma=0.9, n_steps=1024, use_sde=True, sde_sample_freq=4, seed=0)
     eval_env = make_vec_env("Pendulum-v1", n_envs=1, seed=99)
     before, _ = evaluate_policy(model, eval_env, n_eval_episodes=5, deterministic=True)
-    model.learn(50_000)
+    model.learn(100_000)
     after, _ = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True)
     assert before < -700  # an untrained policy barely moves the pendulum
-    assert after > -600, (before, after)
+    # a policy that swings up and balances from every start scores about -150 (seeds 0, 1, 2 here: -135, -134,
+    # -131); one that fails from some starts, as at 50k steps (-315 to -435), does not pass
+    assert after > -200, (before, after)
