@@ -290,18 +290,18 @@ def main() -> None:
     th.set_num_threads(1)
     import sb3_contrib
 
+    # every output starts with the commit and versions it was measured at (benchmarks/README.md promises it)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(
+        f"# commit {commit}, sb3_trpo {sb3_trpo.__version__}, sb3_contrib {sb3_contrib.__version__}, "
+        f"torch {th.__version__}, python {platform.python_version()}, {args.repeats} timed calls per case, 1 thread"
+    )
     if args.fisher:
         fisher_variants(args.repeats)
         return
     if args.sub_sampling:
         sub_sampling(args.repeats)
         return
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(
-        f"# commit {commit}, sb3_trpo {sb3_trpo.__version__}, sb3_contrib {sb3_contrib.__version__}, "
-        f"torch {th.__version__}, python {platform.python_version()}, {args.repeats} timed calls per case, 1 thread"
-    )
     results = [run_case(name, CASES[name], args.repeats) for name in args.cases]
     print("\n| case | sb3_trpo train() (ms, median) | sb3_contrib train() (ms, median) | speed-up |")
     print("|---|---|---|---|")
