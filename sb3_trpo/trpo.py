@@ -5,7 +5,7 @@ import math
 import os
 import pathlib
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
@@ -19,11 +19,27 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
-from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
+from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo.actor import ActorView, PolicyEvaluation
 from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
+from sb3_trpo.collection import (
+    NonFiniteRolloutError,
+    count_non_finite,
+    non_finite_counts,
+    non_finite_rollout_error,
+    vec_normalize_running_stats,
+)
+from sb3_trpo.critic import (
+    CriticSnapshot,
+    critic_parameters,
+    fused_adam_available,
+    index_obs,
+    regress_values,
+    set_adam_kernel,
+    value_inputs,
+)
 from sb3_trpo.distributed import (
     Distributed,
     GlobalProgressBarCallback,
@@ -44,35 +60,7 @@ from sb3_trpo.validation import check_against_spaces, check_arguments, check_spa
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
 
-
-def index_obs(obs: PyTorchObs, idx: slice | th.Tensor) -> PyTorchObs:
-    """Select states from a batch of observations (a tensor, or a dict of tensors).
-
-    :param obs: batch of observations
-    :param idx: slice or index tensor along the batch dimension
-    """
-    if isinstance(obs, dict):
-        return {key: value[idx] for key, value in obs.items()}
-    return obs[idx]
-
-
-class NonFiniteRolloutError(ValueError):
-    """The rollout holds NaN or infinite values, so no update can be computed from it."""
-
-
-def _non_finite_rollout(what: str, count: int) -> NonFiniteRolloutError:
-    return NonFiniteRolloutError(
-        f"The rollout contains non-finite {what} ({count} NaN or infinite values), so no update was made: the "
-        "model is unchanged and can still be saved. Wrap the environment in "
-        "stable_baselines3.common.vec_env.VecCheckNan(env, raise_exception=True) to find the step that produces "
-        "them (or in VecNormalize to tame very large rewards or observations)."
-    )
-
-
-def _count_non_finite(values: np.ndarray | th.Tensor) -> int:
-    if isinstance(values, th.Tensor):
-        return 0 if not values.is_floating_point() else int((~th.isfinite(values)).sum())
-    return 0 if not np.issubdtype(values.dtype, np.floating) else int((~np.isfinite(values)).sum())
+__all__ = ["TRPO", "NonFiniteRolloutError"]
 
 
 class RolloutBatch(NamedTuple):
@@ -346,7 +334,7 @@ class TRPO(OnPolicyAlgorithm):
             th.optim.Adam
         ):
             return
-        set_adam_kernel(self.policy.optimizer, fused=self.device.type in FUSED_ADAM_DEVICES)
+        set_adam_kernel(self.policy.optimizer, fused=fused_adam_available(self.device))
 
     def set_parameters(
         self,
@@ -401,9 +389,9 @@ class TRPO(OnPolicyAlgorithm):
             continue_training = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         except ValueError as error:
             last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
-            count = sum(_count_non_finite(np.asarray(o)) for o in last)
+            count = sum(count_non_finite(np.asarray(o)) for o in last)
             if count:  # the policy could not act on them: say so instead of quoting the distribution's complaint
-                raise _non_finite_rollout("observations", count) from error
+                raise non_finite_rollout_error("observations", count) from error
             raise
         if not self._replica.is_distributed:
             return continue_training
@@ -420,14 +408,7 @@ class TRPO(OnPolicyAlgorithm):
 
     def _running_stats(self) -> list[RunningMeanStd]:
         """VecNormalize's running statistics (observations, then returns), if the env is normalized and training."""
-        vec_normalize = unwrap_vec_normalize(self.env) if self.env is not None else None
-        if vec_normalize is None or not vec_normalize.training:
-            return []
-        obs_rms = getattr(vec_normalize, "obs_rms", None)  # absent with norm_obs=False
-        obs_stats = (
-            [] if obs_rms is None else [obs_rms[k] for k in sorted(obs_rms)] if isinstance(obs_rms, dict) else [obs_rms]
-        )
-        return [*obs_stats, vec_normalize.ret_rms]
+        return vec_normalize_running_stats(self.env)
 
     def _synchronize_running_stats(self) -> None:
         """Merge every rank's VecNormalize updates of the last rollout, so all ranks normalize alike."""
@@ -486,20 +467,12 @@ class TRPO(OnPolicyAlgorithm):
         They come from the environment (or a wrapper), not from TRPO: failing loudly points the user at them,
         and the model is left exactly as it was, so it can still be saved.
         """
-        buffer = self.rollout_buffer
-        observations = buffer.observations.values() if isinstance(buffer.observations, dict) else [buffer.observations]
-        checks = {
-            "observations": sum(_count_non_finite(o) for o in observations),
-            "rewards": _count_non_finite(buffer.rewards),
-            "value predictions": _count_non_finite(buffer.values),
-            "advantages or returns (computed from rewards and values)": _count_non_finite(buffer.advantages)
-            + _count_non_finite(buffer.returns),
-        }
+        checks = non_finite_counts(self.rollout_buffer)
         # summed over ranks, so that every rank raises (a rank left waiting in the next all-reduce would hang)
         counts = self._replica.sum_of_floats(list(checks.values()), self.device)
         for what, count in zip(checks, counts, strict=True):
             if count:
-                raise _non_finite_rollout(what, int(count))
+                raise non_finite_rollout_error(what, int(count))
 
     def _skip_policy_step(self, reason: str, old_objective: float, old_entropy: th.Tensor) -> PolicyStepResult:
         """Keep the old policy because a numerical fault made the step meaningless; warn and count it."""
@@ -658,10 +631,8 @@ class TRPO(OnPolicyAlgorithm):
         return PolicyStepResult.unchanged(old_objective, search.n_backtracks, cg_residual, old_entropy.mean().item())
 
     def _critic_step(self, actor: ActorView, batch: RolloutBatch) -> float:
-        """``n_critic_updates`` epochs of minibatch regression of the value function on the returns.
-
-        Only the parameters outside the actor move: a feature extractor shared with the actor is inside the
-        trust region, and a critic step on it would change the policy unchecked.
+        """``n_critic_updates`` epochs of minibatch regression of the value function on the returns, moving only
+        the parameters outside the actor, undone as a whole if it diverges.
 
         :return: the mean loss over the minibatches (or, with no critic update, the loss of the rollout's values)
         """
@@ -670,35 +641,14 @@ class TRPO(OnPolicyAlgorithm):
             rollout_loss = F.mse_loss(batch.returns, batch.old_values).item()
             return self._replica.mean_of_floats([rollout_loss], self.device)[0]
         actor_ids = {id(p) for p in actor.parameters}
-        critic_params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in actor_ids]
-        if not critic_params:
-            raise ValueError(
-                "The policy's value function has no parameters of its own (all are shared with the actor): "
-                "set n_critic_updates=0, or give the critic its own layers."
-            )
-        inputs, predict_values = self._value_inputs(batch.observations, actor_ids)
+        params = critic_parameters(self.policy, actor_ids)
+        inputs, predict_values = value_inputs(self.policy, batch.observations, actor_ids)
         optimizer = self.policy.optimizer
-        snapshot = _CriticSnapshot(critic_params, optimizer)
-        # the actor's gradients stay None for the whole step, so the optimizer leaves the actor alone
-        optimizer.zero_grad(set_to_none=True)
-        n_samples = len(batch.returns)
-        losses = []
-        for _ in range(self.n_critic_updates):
-            # shuffle once per epoch; the minibatches are then contiguous slices (views, no copies)
-            permutation = th.randperm(n_samples, device=self.device)
-            epoch_inputs, epoch_returns = index_obs(inputs, permutation), batch.returns[permutation]
-            for start in range(0, n_samples, self.batch_size):
-                minibatch = slice(start, start + self.batch_size)
-                loss = F.mse_loss(epoch_returns[minibatch], predict_values(index_obs(epoch_inputs, minibatch)))
-                grads: Sequence[th.Tensor | None] = th.autograd.grad(loss, critic_params, allow_unused=True)
-                if self._replica.is_distributed:  # the global minibatch gradient: every rank takes the same Adam step
-                    grads = self._replica.mean_of_tensors(grads, list(critic_params))
-                for param, grad in zip(critic_params, grads, strict=True):
-                    param.grad = grad
-                optimizer.step()
-                losses.append(loss.detach())
-        mean_loss = self._replica.mean_of_floats([th.stack(losses).mean().item()], self.device)[0]
-        if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in critic_params):
+        snapshot = CriticSnapshot(params, optimizer)
+        mean_loss = regress_values(
+            params, optimizer, inputs, batch.returns, predict_values, self.n_critic_updates, self.batch_size, self._replica
+        )
+        if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in params):
             # a diverging regression (e.g. a learning rate far too large): undo the whole critic step
             snapshot.restore()
             self._skipped_critic_steps += 1
@@ -711,23 +661,6 @@ class TRPO(OnPolicyAlgorithm):
                 stacklevel=3,
             )
         return mean_loss
-
-    def _value_inputs(self, obs: PyTorchObs, actor_ids: set[int]) -> tuple[PyTorchObs, Callable[[PyTorchObs], th.Tensor]]:
-        """What the critic step regresses from, and how values are computed from a minibatch of it.
-
-        When the critic's feature extractor is frozen during the critic step (it belongs to the actor, or has no
-        trainable parameters) and the policy computes values the standard way, the features are extracted once
-        for the whole rollout instead of once per minibatch and epoch (for a CNN, most of the critic's cost).
-        Otherwise the inputs are the observations and the values come from ``policy.predict_values``.
-        """
-        policy = self.policy
-        extractor_frozen = all(id(p) in actor_ids or not p.requires_grad for p in policy.vf_features_extractor.parameters())
-        if extractor_frozen and type(policy).predict_values is ActorCriticPolicy.predict_values:
-            with th.no_grad():
-                # the same computation as ActorCriticPolicy.predict_values, split at the frozen features
-                features = BasePolicy.extract_features(policy, obs, policy.vf_features_extractor)
-            return features, lambda x: policy.value_net(policy.mlp_extractor.forward_critic(x)).flatten()
-        return obs, lambda x: policy.predict_values(x).flatten()
 
     def save(
         self,
@@ -802,51 +735,6 @@ class TRPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
-
-
-#: device types on which ``torch.optim.Adam(fused=True)`` runs (the critic's default optimizer uses it there)
-FUSED_ADAM_DEVICES = ("cpu", "cuda")
-
-
-def set_adam_kernel(optimizer: th.optim.Optimizer, fused: bool) -> None:
-    """Switch an Adam optimizer to torch's fused kernel or off it, keeping its state.
-
-    Round-tripping through ``load_state_dict`` lets torch place each parameter's ``step`` counter where the
-    chosen kernel wants it (fused: a float32 tensor on the parameter's device).
-
-    :param optimizer: a ``torch.optim.Adam``
-    :param fused: whether to use the fused kernel
-    """
-    state = optimizer.state_dict()
-    for group in state["param_groups"]:
-        group["fused"] = fused
-        if fused:
-            group["foreach"] = None  # torch refuses fused and foreach together
-    optimizer.load_state_dict(state)
-
-
-class _CriticSnapshot:
-    """A copy of the critic's parameters and of their optimizer state, to undo a failed critic step."""
-
-    def __init__(self, params: list[th.nn.Parameter], optimizer: th.optim.Optimizer) -> None:
-        self._params = params
-        self._optimizer = optimizer
-        self._values = [p.detach().clone() for p in params]
-        self._state = {
-            p: {k: v.clone() if isinstance(v, th.Tensor) else v for k, v in optimizer.state[p].items()}
-            for p in params
-            if p in optimizer.state
-        }
-
-    def restore(self) -> None:
-        with th.no_grad():
-            for param, value in zip(self._params, self._values, strict=True):
-                param.copy_(value)
-        for param in self._params:
-            if param in self._state:
-                self._optimizer.state[param] = self._state[param]
-            else:
-                self._optimizer.state.pop(param, None)
 
 
 def _entropy(evaluation: PolicyEvaluation) -> th.Tensor:

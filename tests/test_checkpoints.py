@@ -10,6 +10,7 @@ import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import sb3_trpo.critic
 import sb3_trpo.trpo
 from sb3_trpo import TRPO
 from tests.helpers import import_sb3_contrib
@@ -179,7 +180,7 @@ def test_the_fused_adam_choice_is_not_saved_and_follows_the_device(saved, tmp_pa
     # so the user's own policy_kwargs are accepted again by SB3's load, which compares them with the saved ones
     TRPO.load(path, policy_kwargs=SMALL["policy_kwargs"])
     # a device without the fused kernel: the loaded optimizer runs the plain one, with the saved Adam state
-    monkeypatch.setattr(sb3_trpo.trpo, "FUSED_ADAM_DEVICES", ())
+    monkeypatch.setattr(sb3_trpo.critic, "FUSED_ADAM_DEVICES", ())
     loaded = TRPO.load(path, env=make_vec_env("CartPole-v1", n_envs=1))
     assert all(group["fused"] is False for group in loaded.policy.optimizer.param_groups)
     before, after = model.policy.optimizer.state_dict()["state"], loaded.policy.optimizer.state_dict()["state"]

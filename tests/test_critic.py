@@ -6,7 +6,7 @@ import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.utils import obs_as_tensor
 
-from sb3_trpo import TRPO
+from sb3_trpo import TRPO, critic
 from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv
 from tests.test_actor import SharedImageEnv, ValueEmbedding
 
@@ -20,7 +20,7 @@ def value_inputs(model: TRPO, n: int = 8):
     model.learn(32)  # builds the actor view from a real rollout
     obs = obs_as_tensor(model.rollout_buffer.observations[:n].reshape(n, *model.observation_space.shape), model.device)
     actor_ids = {id(p) for p in model._actor_view.parameters}
-    return obs, model._value_inputs(obs, actor_ids)
+    return obs, critic.value_inputs(model.policy, obs, actor_ids)
 
 
 @pytest.mark.parametrize(
