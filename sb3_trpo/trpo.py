@@ -16,7 +16,6 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, Conve
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
@@ -406,13 +405,9 @@ class TRPO(OnPolicyAlgorithm):
         self._synchronize_running_stats()
         return True
 
-    def _running_stats(self) -> list[RunningMeanStd]:
-        """VecNormalize's running statistics (observations, then returns), if the env is normalized and training."""
-        return vec_normalize_running_stats(self.env)
-
     def _synchronize_running_stats(self) -> None:
         """Merge every rank's VecNormalize updates of the last rollout, so all ranks normalize alike."""
-        stats = self._running_stats()
+        stats = vec_normalize_running_stats(self.env)
         if stats and len(stats) == len(self._agreed_running_stats):
             synchronize_running_stats(self._replica, stats, self._agreed_running_stats, self.device)
 
@@ -439,7 +434,7 @@ class TRPO(OnPolicyAlgorithm):
             # a loaded model, or parameters set by the user: rank 0's win, so every rank takes identical steps
             replica.broadcast_tensors(self.policy.state_dict().values())
             # before SB3 resets the env, which updates VecNormalize's statistics with this rank's first observations
-            self._agreed_running_stats = broadcast_running_stats(replica, self._running_stats(), self.device)
+            self._agreed_running_stats = broadcast_running_stats(replica, vec_normalize_running_stats(self.env), self.device)
         quiet = not replica.is_main and not self._custom_logger
         if quiet:  # a logger without outputs: rank 0 alone writes stdout, CSV and TensorBoard
             self.set_logger(Logger(folder=None, output_formats=[]))
