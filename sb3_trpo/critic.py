@@ -5,11 +5,14 @@ Knows nothing of the actor beyond which parameters belong to it (those never mov
 trust region.
 """
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
+from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo.distributed import Replica
@@ -63,8 +66,7 @@ def value_inputs(
     :param actor_ids: ``id`` of every actor parameter
     :return: the inputs, and ``minibatch of inputs -> flat value predictions``
     """
-    extractor_frozen = all(id(p) in actor_ids or not p.requires_grad for p in policy.vf_features_extractor.parameters())
-    if extractor_frozen and type(policy).predict_values is ActorCriticPolicy.predict_values:
+    if critic_features_frozen(policy, actor_ids) and type(policy).predict_values is ActorCriticPolicy.predict_values:
         with th.no_grad():
             # the same computation as ActorCriticPolicy.predict_values, split at the frozen features
             features = BasePolicy.extract_features(policy, obs, policy.vf_features_extractor)
@@ -167,3 +169,191 @@ def set_adam_kernel(optimizer: th.optim.Optimizer, fused: bool) -> None:
         if fused:
             group["foreach"] = None  # torch refuses fused and foreach together
     optimizer.load_state_dict(state)
+
+
+def critic_features_frozen(policy: ActorCriticPolicy, actor_ids: set[int]) -> bool:
+    """:return: whether the critic's feature extractor stays put in the critic step (it belongs to the actor, or
+    has no trainable parameters), so its features can be computed once per update"""
+    return all(id(p) in actor_ids or not p.requires_grad for p in policy.vf_features_extractor.parameters())
+
+
+#: activations of the fast MLP critic: ``(layer output h, gradient w.r.t. h) -> gradient w.r.t. its input``,
+#: each the backward op autograd itself runs for that module
+_ACTIVATION_BACKWARD: dict[type[nn.Module], Callable[[nn.Module, th.Tensor, th.Tensor], th.Tensor]] = {
+    nn.Tanh: lambda module, h, grad: th.ops.aten.tanh_backward(grad, h),
+    nn.ReLU: lambda module, h, grad: th.ops.aten.threshold_backward(grad, h, 0),
+    nn.LeakyReLU: lambda module, h, grad: th.ops.aten.leaky_relu_backward(grad, h, module.negative_slope, True),
+    nn.ELU: lambda module, h, grad: th.ops.aten.elu_backward(grad, module.alpha, 1, 1, True, h),
+}
+
+
+class MlpCriticRegression:
+    """:func:`regress_values` for SB3's standard MLP critic, with the backward pass and Adam written out.
+
+    For ``MlpExtractor``'s value branch (``nn.Linear`` layers, each but the last followed by a Tanh, ReLU,
+    LeakyReLU or ELU) and ``value_net``, regressed from precomputed features with ``torch.optim.Adam``. The
+    general path spends most of a minibatch on per-op bookkeeping: autograd's graph, and ``Optimizer.step`` looping
+    over six tensors. Here the critic's parameters, gradients and Adam moments each live in one flat tensor for
+    the whole step, the backward pass is the few matrix products of an MLP's chain rule (with the very backward
+    ops autograd would run), and one Adam update covers all parameters. The results are those of the general
+    path up to float rounding; parameters and optimizer state are written back at the end, in the optimizer's
+    own format, so checkpoints and the undo snapshot see no difference.
+
+    Use :meth:`for_policy`, which returns ``None`` for anything else (the general path then runs).
+
+    :param layers: the critic's linear layers in order, each with the activation module that follows it (None
+        for the last)
+    :param optimizer: the policy's Adam
+    """
+
+    def __init__(self, layers: list[tuple[nn.Linear, nn.Module | None]], optimizer: th.optim.Adam) -> None:
+        self.layers = layers
+        self.optimizer = optimizer
+        self.params: list[th.Tensor] = [p for linear, _ in layers for p in (linear.weight, linear.bias)]
+
+    @classmethod
+    def for_policy(
+        cls, policy: ActorCriticPolicy, params: Sequence[th.nn.Parameter], actor_ids: set[int]
+    ) -> "MlpCriticRegression | None":
+        """The fast path for this policy's critic step, or ``None`` if it does not cover it.
+
+        :param policy: the actor-critic policy
+        :param params: the parameters the critic step moves (from :func:`critic_parameters`)
+        :param actor_ids: ``id`` of every actor parameter
+        """
+        if type(policy).predict_values is not ActorCriticPolicy.predict_values:
+            return None
+        if not critic_features_frozen(policy, actor_ids) or type(policy.mlp_extractor) is not MlpExtractor:
+            return None
+        modules = [*policy.mlp_extractor.value_net, policy.value_net]
+        layers: list[tuple[nn.Linear, nn.Module | None]] = []
+        for module in modules:
+            if type(module) is nn.Linear and module.bias is not None:
+                layers.append((module, None))
+            elif type(module) in _ACTIVATION_BACKWARD and layers and layers[-1][1] is None and module is not modules[-1]:
+                layers[-1] = (layers[-1][0], module)
+            else:
+                return None
+        modules_and_hooks = [m for linear, act in layers for m in (linear, act) if m is not None]
+        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules_and_hooks):
+            return None
+        optimizer = policy.optimizer
+        regression = cls(layers, optimizer)  # type: ignore[arg-type]
+        if {id(p) for p in regression.params} != {id(p) for p in params} or len(regression.params) != len(params):
+            return None  # the critic moves something else too (e.g. its own trainable feature extractor)
+        if type(optimizer) is not th.optim.Adam or len(optimizer.param_groups) != 1:
+            return None
+        group = optimizer.param_groups[0]
+        if group["weight_decay"] != 0 or group["amsgrad"] or group["maximize"] or group.get("decoupled_weight_decay"):
+            return None
+        if isinstance(group["lr"], th.Tensor) or isinstance(group["betas"][0], th.Tensor):
+            return None
+        if any(p.dtype != th.float32 or not p.requires_grad for p in params):
+            return None
+        if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+            return None
+        return regression
+
+    def _flat_state(self, flat: th.Tensor) -> tuple[th.Tensor, th.Tensor, float]:
+        """Adam's moments of every parameter as two flat tensors, and their common step count."""
+        states = [self.optimizer.state.get(p, {}) for p in self.params]
+        steps = {float(s["step"]) if "step" in s else 0.0 for s in states}
+        if len(steps) != 1:
+            raise RuntimeError("the critic's parameters have different Adam step counts")
+        if steps == {0.0}:
+            return th.zeros_like(flat), th.zeros_like(flat), 0.0
+        exp_avg = th.cat([s["exp_avg"].reshape(-1) for s in states])
+        exp_avg_sq = th.cat([s["exp_avg_sq"].reshape(-1) for s in states])
+        return exp_avg, exp_avg_sq, steps.pop()
+
+    def _write_back(self, flat: th.Tensor, grad: th.Tensor, exp_avg: th.Tensor, exp_avg_sq: th.Tensor, step: float) -> None:
+        """Put the parameters, their last gradients and Adam's state back where torch keeps them, in the
+        optimizer's own format (as the general path leaves them)."""
+        group = self.optimizer.param_groups[0]
+        offset = 0
+        for param in self.params:
+            n = param.numel()
+            with th.no_grad():
+                param.copy_(flat[offset : offset + n].view_as(param))
+            param.grad = grad[offset : offset + n].view_as(param).clone()
+            state = self.optimizer.state[param]
+            if "step" in state:
+                state["step"].fill_(step)
+            else:  # torch's Adam keeps the count as a tensor: float32 on the device when fused, on the CPU otherwise
+                device = param.device if group.get("fused") else th.device("cpu")
+                state["step"] = th.tensor(step, dtype=th.float32, device=device)
+            state["exp_avg"] = exp_avg[offset : offset + n].view_as(param).clone()
+            state["exp_avg_sq"] = exp_avg_sq[offset : offset + n].view_as(param).clone()
+            offset += n
+
+    def __call__(self, features: th.Tensor, returns: th.Tensor, n_epochs: int, batch_size: int, replica: Replica) -> float:
+        """What :func:`regress_values` computes and does, from precomputed features.
+
+        :param features: the critic's input features, one row per state
+        :param returns: the regression targets, one per state
+        :param n_epochs: passes over the rollout
+        :param batch_size: minibatch size (the last minibatch of an epoch may be smaller)
+        :param replica: this process's data-parallel context
+        :return: the mean over all minibatches (and ranks) of each minibatch's loss before its step
+        """
+        group = self.optimizer.param_groups[0]
+        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
+        # as in the general path, the actor's gradients are None for the whole step
+        self.optimizer.zero_grad(set_to_none=True)
+        with th.no_grad():
+            flat = th.cat([p.detach().reshape(-1) for p in self.params])
+            exp_avg, exp_avg_sq, step = self._flat_state(flat)
+            grad = th.empty_like(flat)
+            # per layer: views of its weight and bias into the flat parameters and gradient
+            views = []
+            offset = 0
+            for linear, activation in self.layers:
+                out_features, in_features = linear.weight.shape
+                w_end = offset + out_features * in_features
+                b_end = w_end + out_features
+                views.append(
+                    (
+                        flat[offset:w_end].view(out_features, in_features),
+                        flat[w_end:b_end],
+                        grad[offset:w_end].view(out_features, in_features),
+                        grad[w_end:b_end],
+                        activation,
+                    )
+                )
+                offset = b_end
+            n_samples = len(returns)
+            losses = []
+            for _ in range(n_epochs):
+                permutation = th.randperm(n_samples, device=returns.device)
+                epoch_features, epoch_returns = features[permutation], returns[permutation]
+                for start in range(0, n_samples, batch_size):
+                    x, target = epoch_features[start : start + batch_size], epoch_returns[start : start + batch_size]
+                    # forward, keeping every layer's input
+                    inputs = [x]
+                    for weight, bias, _, _, activation in views:
+                        h = F.linear(inputs[-1], weight, bias)
+                        inputs.append(activation.forward(h) if activation is not None else h)
+                    error = inputs.pop().reshape(-1) - target
+                    losses.append((error * error).mean())
+                    # backward of mean((v - R)^2), layer by layer (the products autograd's linear backward makes)
+                    upstream = (error * (2.0 / len(target))).unsqueeze(1)
+                    for i in range(len(views) - 1, -1, -1):
+                        weight, _, weight_grad, bias_grad, _ = views[i]
+                        th.mm(upstream.T, inputs[i], out=weight_grad)
+                        th.sum(upstream, dim=0, out=bias_grad)
+                        if i > 0:
+                            below = views[i - 1][4]
+                            assert below is not None
+                            upstream = _ACTIVATION_BACKWARD[type(below)](below, inputs[i], upstream.mm(weight))
+                    if replica.is_distributed:
+                        grad.copy_(replica.mean(grad))
+                    # torch's Adam (Kingma & Ba 2015, with its bias corrections) on all parameters at once
+                    step += 1
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    bias_correction1 = 1 - beta1**step
+                    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                    flat.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+            self._write_back(flat, grad, exp_avg, exp_avg_sq, step)
+        return replica.mean_of_floats([th.stack(losses).mean().item()], returns.device)[0]

@@ -26,12 +26,15 @@ from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomi
 from sb3_trpo.collection import (
     NonFiniteRolloutError,
     count_non_finite,
+    lean_collect_rollouts,
+    lean_collection_gap,
     non_finite_counts,
     non_finite_rollout_error,
     vec_normalize_running_stats,
 )
 from sb3_trpo.critic import (
     CriticSnapshot,
+    MlpCriticRegression,
     critic_parameters,
     fused_adam_available,
     index_obs,
@@ -176,6 +179,10 @@ class TRPO(OnPolicyAlgorithm):
         ``True`` requires a launcher environment or an initialized process group; ``"auto"`` uses one if present
         and runs as a single process otherwise; ``False`` (default) never does. ``learn(total_timesteps)`` then
         counts the samples of all ranks; only rank 0 logs and saves. See the README's "Distributed training".
+    :param fast_collection: (keyword only) Collect rollouts with the lean loop of ``sb3_trpo.collection``, which
+        stores exactly what SB3's ``collect_rollouts`` would (same buffer contents, random numbers and callbacks)
+        in a fraction of the time. Policies it does not cover (a custom ``forward``, forward hooks, a custom
+        rollout buffer, ...) use SB3's loop automatically; ``False`` always uses SB3's loop. Default ``True``.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -215,6 +222,7 @@ class TRPO(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
         *,
         distributed: Distributed = False,
+        fast_collection: bool = True,
     ):
         # every keyword is checked before SB3 uses any of them (locals() holds exactly the arguments here)
         check_arguments(locals())
@@ -257,6 +265,9 @@ class TRPO(OnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
         self.distributed = distributed
+        self.fast_collection = fast_collection
+        # why the last rollout used SB3's loop instead of the lean one (None: it did not), reported once at verbose >= 1
+        self._collection_gap: str | None = None
         # this process's place in data-parallel training (world size 1 until _setup_model joins a process group)
         self._replica = Replica.alone()
         # VecNormalize's statistics as all ranks last agreed on them (see _synchronize_running_stats)
@@ -362,7 +373,14 @@ class TRPO(OnPolicyAlgorithm):
         # the actor view holds references to the policy: it is rebuilt at the first update after loading
         # a checkpoint is an ordinary single-process model: the process-group context and the flag that joins one
         # are not saved (pass distributed=... to TRPO.load to train the loaded model in parallel)
-        return [*super()._excluded_save_params(), "_actor_view", "distributed", "_replica", "_agreed_running_stats"]
+        return [
+            *super()._excluded_save_params(),
+            "_actor_view",
+            "distributed",
+            "_replica",
+            "_agreed_running_stats",
+            "_collection_gap",
+        ]
 
     def _get_actor_view(self, obs: PyTorchObs) -> ActorView:
         """The flat view of the actor parameters, rebuilt if the policy or its modules were replaced."""
@@ -377,15 +395,23 @@ class TRPO(OnPolicyAlgorithm):
         rollout_buffer: RolloutBuffer,
         n_rollout_steps: int,
     ) -> bool:
-        """SB3's collection, with a clear error when the environment returns non-finite observations (the policy's
-        distribution would refuse them with a message about its own parameters).
+        """SB3's collection (by the lean loop where it covers the policy, see ``fast_collection``), with a clear
+        error when the environment returns non-finite observations (the policy's distribution would refuse them
+        with a message about its own parameters).
 
         In data-parallel training, the ranks then agree: ``num_timesteps`` counts the samples of all ranks, training
         goes on only if every rank's callbacks let it, and VecNormalize's statistics are merged.
         """
         timesteps_before = self.num_timesteps
+        gap = lean_collection_gap(self.policy, rollout_buffer) if self.fast_collection else None
+        if gap is not None and gap != self._collection_gap and self.verbose >= 1:
+            print(f"Collecting rollouts with SB3's loop: the lean loop does not cover {gap}.")
+        self._collection_gap = gap
         try:
-            continue_training = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+            if self.fast_collection and gap is None:
+                continue_training = lean_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
+            else:
+                continue_training = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         except ValueError as error:
             last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
             count = sum(count_non_finite(np.asarray(o)) for o in last)
@@ -640,9 +666,14 @@ class TRPO(OnPolicyAlgorithm):
         inputs, predict_values = value_inputs(self.policy, batch.observations, actor_ids)
         optimizer = self.policy.optimizer
         snapshot = CriticSnapshot(params, optimizer)
-        mean_loss = regress_values(
-            params, optimizer, inputs, batch.returns, predict_values, self.n_critic_updates, self.batch_size, self._replica
-        )
+        fast_regression = MlpCriticRegression.for_policy(self.policy, params, actor_ids)
+        if fast_regression is not None:  # SB3's MLP critic with Adam: the same regression, with less overhead
+            assert isinstance(inputs, th.Tensor)
+            mean_loss = fast_regression(inputs, batch.returns, self.n_critic_updates, self.batch_size, self._replica)
+        else:
+            mean_loss = regress_values(
+                params, optimizer, inputs, batch.returns, predict_values, self.n_critic_updates, self.batch_size, self._replica
+            )
         if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in params):
             # a diverging regression (e.g. a learning rate far too large): undo the whole critic step
             snapshot.restore()

@@ -141,6 +141,7 @@ RULES: dict[str, Rule] = {
     "target_kl": Rule(*_real_in(0.0, math.inf, closed_low=False, closed_high=False)),
     "sub_sampling_factor": Rule(*_int_at_least(1)),
     "distributed": Rule(lambda v: _is_bool(v) or (isinstance(v, str) and v == "auto"), 'True, False or "auto"'),
+    "fast_collection": Rule(_is_bool, "True or False"),
     "stats_window_size": Rule(*_int_at_least(1)),
     "tensorboard_log": Rule(lambda v: v is None or isinstance(v, (str, os.PathLike)), "None or a folder path"),
     "policy_kwargs": Rule(lambda v: v is None or isinstance(v, dict), "None or a dict"),
