@@ -18,12 +18,29 @@ from types import FrameType
 from typing import NamedTuple
 
 import torch as th
-from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    MultiCategoricalDistribution,
+)
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 from torch.func import functional_call
 
 from sb3_trpo.distributions import DistributionParams, distribution_params
+from sb3_trpo.fisher import MlpFisherProduct, MlpLayer
+from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers
+
+#: the distributions of the written-out Fisher product (exact types; gSDE's std depends on the state)
+_MLP_FISHER_DISTRIBUTIONS = (
+    DiagGaussianDistribution,
+    CategoricalDistribution,
+    MultiCategoricalDistribution,
+    BernoulliDistribution,
+)
 
 
 class PolicyEvaluation(NamedTuple):
@@ -171,3 +188,62 @@ def interrupts_deferred() -> Iterator[None]:
             previous(*received[0])
         elif received and previous == signal.SIG_DFL:
             raise KeyboardInterrupt
+
+
+def mlp_fisher_product(view: ActorView, obs: PyTorchObs, damping: float) -> MlpFisherProduct | None:
+    """The written-out Fisher-vector product for SB3's standard MLP actor, or ``None`` if the policy is not one.
+
+    Covered: ``ActorCriticPolicy``'s own ``get_distribution`` over a features extractor without trainable actor
+    parameters, SB3's ``MlpExtractor`` policy branch (biased ``nn.Linear`` layers with Tanh, ReLU, LeakyReLU or
+    ELU), a biased linear ``action_net``, and a diagonal Gaussian (``log_std`` trainable or frozen), Categorical,
+    MultiCategorical or Bernoulli distribution, with every layer's parameters in the actor. Anything else (gSDE,
+    a custom policy or extractor, frozen layers, hooks) returns ``None`` and TRPO uses
+    :class:`~sb3_trpo.fisher.JacobianFisherProduct`.
+
+    :param view: the actor view (its flat layout is the product's)
+    :param obs: the states of the Fisher matrix
+    :param damping: Tikhonov damping added to ``F``
+    """
+    policy = view.policy
+    methods = ("get_distribution", "extract_features", "_get_action_dist_from_latent")
+    if any(getattr(type(policy), m) is not getattr(ActorCriticPolicy, m) for m in methods):
+        return None
+    if type(policy.mlp_extractor) is not MlpExtractor or type(policy.action_dist) not in _MLP_FISHER_DISTRIBUTIONS:
+        return None
+    layers = linear_layers([*policy.mlp_extractor.policy_net, policy.action_net])
+    if layers is None or layers[-1][1] is not None:
+        return None
+    slices: dict[int, slice] = {}
+    offset = 0
+    for param, numel in zip(view.parameters, view.numels, strict=True):
+        slices[id(param)] = slice(offset, offset + numel)
+        offset += numel
+    layer_params = [p for linear, _ in layers for p in (linear.weight, linear.bias)]
+    log_std = getattr(policy, "log_std", None) if isinstance(policy.action_dist, DiagGaussianDistribution) else None
+    expected = {id(p) for p in layer_params} | ({id(log_std)} if log_std is not None and log_std.requires_grad else set())
+    if set(slices) != expected or any(p.dtype != th.float32 for p in view.parameters):
+        return None  # frozen layers, or actor parameters elsewhere (a trainable features extractor)
+    with th.no_grad():
+        features = BasePolicy.extract_features(policy, obs, policy.pi_features_extractor)
+        assert isinstance(features, th.Tensor)
+        hidden = []
+        x = features
+        for linear, activation in layers[:-1]:
+            assert activation is not None
+            x = activation(linear(x))
+            hidden.append(x)
+        params = distribution_params(policy._get_action_dist_from_latent(x)).detach()
+    fisher_layers = [
+        MlpLayer(
+            weight=linear.weight.detach(),
+            weight_slice=slices[id(linear.weight)],
+            bias_slice=slices[id(linear.bias)],
+            derivative=None if activation is None else ACTIVATION_DERIVATIVES[type(activation)],
+            activation=activation,
+        )
+        for linear, activation in layers
+    ]
+    distribution = policy.action_dist
+    split = list(distribution.action_dims) if isinstance(distribution, MultiCategoricalDistribution) else [-1]
+    log_std_slice = slices.get(id(log_std)) if log_std is not None else None
+    return MlpFisherProduct(features, fisher_layers, hidden, params, log_std_slice, split, view.size, damping)

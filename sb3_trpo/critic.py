@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo.distributed import Replica
+from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers
 
 #: device types on which ``torch.optim.Adam(fused=True)`` runs (the critic's default optimizer uses it there)
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
@@ -177,16 +178,6 @@ def critic_features_frozen(policy: ActorCriticPolicy, actor_ids: set[int]) -> bo
     return all(id(p) in actor_ids or not p.requires_grad for p in policy.vf_features_extractor.parameters())
 
 
-#: activations of the fast MLP critic: ``(layer output h, gradient w.r.t. h) -> gradient w.r.t. its input``,
-#: each the backward op autograd itself runs for that module
-_ACTIVATION_BACKWARD: dict[type[nn.Module], Callable[[nn.Module, th.Tensor, th.Tensor], th.Tensor]] = {
-    nn.Tanh: lambda module, h, grad: th.ops.aten.tanh_backward(grad, h),
-    nn.ReLU: lambda module, h, grad: th.ops.aten.threshold_backward(grad, h, 0),
-    nn.LeakyReLU: lambda module, h, grad: th.ops.aten.leaky_relu_backward(grad, h, module.negative_slope, True),
-    nn.ELU: lambda module, h, grad: th.ops.aten.elu_backward(grad, module.alpha, 1, 1, True, h),
-}
-
-
 class MlpCriticRegression:
     """:func:`regress_values` for SB3's standard MLP critic, with the backward pass and Adam written out.
 
@@ -225,17 +216,8 @@ class MlpCriticRegression:
             return None
         if not critic_features_frozen(policy, actor_ids) or type(policy.mlp_extractor) is not MlpExtractor:
             return None
-        modules = [*policy.mlp_extractor.value_net, policy.value_net]
-        layers: list[tuple[nn.Linear, nn.Module | None]] = []
-        for module in modules:
-            if type(module) is nn.Linear and module.bias is not None:
-                layers.append((module, None))
-            elif type(module) in _ACTIVATION_BACKWARD and layers and layers[-1][1] is None and module is not modules[-1]:
-                layers[-1] = (layers[-1][0], module)
-            else:
-                return None
-        modules_and_hooks = [m for linear, act in layers for m in (linear, act) if m is not None]
-        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules_and_hooks):
+        layers = linear_layers([*policy.mlp_extractor.value_net, policy.value_net])
+        if layers is None or layers[-1][1] is not None:
             return None
         optimizer = policy.optimizer
         regression = cls(layers, optimizer)  # type: ignore[arg-type]
@@ -344,7 +326,7 @@ class MlpCriticRegression:
                         if i > 0:
                             below = views[i - 1][4]
                             assert below is not None
-                            upstream = _ACTIVATION_BACKWARD[type(below)](below, inputs[i], upstream.mm(weight))
+                            upstream = ACTIVATION_DERIVATIVES[type(below)](below, inputs[i], upstream.mm(weight))
                     if replica.is_distributed:
                         grad.copy_(replica.mean(grad))
                     # torch's Adam (Kingma & Ba 2015, with its bias corrections) on all parameters at once

@@ -5,7 +5,7 @@ import math
 import os
 import pathlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
@@ -21,7 +21,7 @@ from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
-from sb3_trpo.actor import ActorView, PolicyEvaluation
+from sb3_trpo.actor import ActorView, PolicyEvaluation, mlp_fisher_product
 from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.collection import (
     NonFiniteRolloutError,
@@ -570,11 +570,17 @@ class TRPO(OnPolicyAlgorithm):
             # L(θ) = E[π_θ(a|s) / π_old(a|s) · A] (TRPO paper, eq. 14)
             return (th.exp(log_prob - batch.old_log_prob) * batch.advantages).mean()
 
+        # the Fisher matrix is estimated on every k-th state with sub-sampling ("cheap Fisher", Schulman's thesis
+        # pp. 40-42); for SB3's MLP actor its products are written out, otherwise they run on autograd's graph
+        fisher_idx = slice(None, None, self.sub_sampling_factor)
+        fisher_obs = obs if self.sub_sampling_factor == 1 else index_obs(obs, fisher_idx)
+        mlp_fisher = mlp_fisher_product(actor, fisher_obs, self.cg_damping)
+
         # 1. gradient of the surrogate w.r.t. the actor parameters; the forward pass is kept for the Fisher
         theta = theta_old.clone().requires_grad_(True)
         current = actor.evaluate(theta, obs, actions)
         objective = surrogate(current.log_prob)
-        (gradient,) = th.autograd.grad(objective, theta, retain_graph=True)
+        (gradient,) = th.autograd.grad(objective, theta, retain_graph=mlp_fisher is None)
         # data parallel: the global surrogate and its gradient are the means over ranks (one all-reduce)
         reduced = self._replica.mean(th.cat([gradient, objective.detach().reshape(1)]))
         gradient, old_objective = reduced[:-1], reduced[-1].item()
@@ -583,18 +589,20 @@ class TRPO(OnPolicyAlgorithm):
         if not math.isfinite(old_objective) or not bool(th.isfinite(gradient).all()):
             return self._skip_policy_step("the surrogate or its gradient is not finite", old_objective, old_entropy)
 
-        # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g. With sub-sampling, F is estimated on every k-th state
-        # only ("cheap Fisher", Schulman's thesis pp. 40-42), from a forward pass on those states.
-        if self.sub_sampling_factor == 1:
-            fisher_theta, fisher_params = theta, current.params
-        else:
-            fisher_idx = slice(None, None, self.sub_sampling_factor)
+        # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g
+        local_fisher: Callable[[th.Tensor], th.Tensor]
+        if mlp_fisher is not None:
+            local_fisher = mlp_fisher
+        elif self.sub_sampling_factor == 1:
+            local_fisher = JacobianFisherProduct(theta, current.params, damping=self.cg_damping)
+        else:  # a forward pass on the sub-sampled states
             fisher_theta = theta_old.clone().requires_grad_(True)
-            fisher_params = actor.evaluate(fisher_theta, index_obs(obs, fisher_idx), actions[fisher_idx]).params
+            fisher_params = actor.evaluate(fisher_theta, fisher_obs, actions[fisher_idx]).params
+            local_fisher = JacobianFisherProduct(fisher_theta, fisher_params, damping=self.cg_damping)
         # data parallel: the Fisher matrix of the global batch is the mean of the ranks' (equal batch sizes)
-        fisher_product = self._replica.averaged(JacobianFisherProduct(fisher_theta, fisher_params, damping=self.cg_damping))
+        fisher_product = self._replica.averaged(local_fisher)
         cg = conjugate_gradient(fisher_product, gradient, max_iter=self.cg_max_steps)
-        del fisher_product, current, fisher_params  # free the retained graph before the line search
+        del fisher_product, local_fisher, current  # free the retained graph before the line search
         gradient_norm = gradient.norm().item()
         cg_residual = cg.residual_norm / gradient_norm if gradient_norm > 0 else 0.0
 

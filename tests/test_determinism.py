@@ -7,7 +7,7 @@ from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_trpo import TRPO
-from sb3_trpo.fisher import JacobianFisherProduct
+from sb3_trpo.fisher import JacobianFisherProduct, MlpFisherProduct
 from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv
 
 
@@ -56,6 +56,13 @@ def test_sub_sampling_uses_every_kth_state_with_every_observation_type(name, mon
         original_init(self, theta, params, *args, **kwargs)
 
     monkeypatch.setattr(JacobianFisherProduct, "__init__", recording_init)
+    original_mlp_init = MlpFisherProduct.__init__
+
+    def recording_mlp_init(self, features, *args, **kwargs):  # MLP actors use the written-out product
+        fisher_sizes.append(features.shape[0])
+        original_mlp_init(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(MlpFisherProduct, "__init__", recording_mlp_init)
     env = RandomEnv(observation_space, ACTION_SPACES["multidiscrete"])
     model = TRPO(policy, env, n_steps=50, batch_size=25, sub_sampling_factor=3, seed=0, policy_kwargs=policy_kwargs or None)
     model.learn(100)

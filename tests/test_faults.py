@@ -11,7 +11,7 @@ import torch as th
 
 from sb3_trpo import TRPO
 from sb3_trpo.actor import ActorView, interrupts_deferred
-from sb3_trpo.fisher import JacobianFisherProduct
+from sb3_trpo.fisher import JacobianFisherProduct, MlpFisherProduct
 from sb3_trpo.trpo import NonFiniteRolloutError
 from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv
 
@@ -89,7 +89,8 @@ def test_non_finite_gradient_skips_the_policy_step(monkeypatch):
 
 def test_non_finite_fisher_product_skips_the_policy_step(monkeypatch):
     model = trained()
-    monkeypatch.setattr(JacobianFisherProduct, "__call__", lambda self, v: v * float("nan"))
+    for product in (JacobianFisherProduct, MlpFisherProduct):
+        monkeypatch.setattr(product, "__call__", lambda self, v: v * float("nan"))
     actor_before = model._actor_view.flat()
     with pytest.warns(RuntimeWarning, match=r"Fisher-vector product is not finite \(pᵀ\(F \+ λI\)p = nan\)"):
         model.train()
@@ -99,7 +100,8 @@ def test_non_finite_fisher_product_skips_the_policy_step(monkeypatch):
 
 def test_non_positive_curvature_skips_the_policy_step(monkeypatch):
     model = trained(cg_damping=0.0)
-    monkeypatch.setattr(JacobianFisherProduct, "__call__", lambda self, v: -v)  # a negative-definite "Fisher"
+    for product in (JacobianFisherProduct, MlpFisherProduct):
+        monkeypatch.setattr(product, "__call__", lambda self, v: -v)  # a negative-definite "Fisher"
     actor_before = model._actor_view.flat()
     with pytest.warns(RuntimeWarning, match="curvature .* is not positive and finite"):
         model.train()
@@ -179,7 +181,8 @@ def test_an_exception_anywhere_leaves_the_actor_old_or_accepted(monkeypatch, whe
     if where == "gradient forward":
         monkeypatch.setattr(ActorView, "evaluate", raising(ActorView.evaluate, 1))
     elif where == "fisher product 3":
-        monkeypatch.setattr(JacobianFisherProduct, "__call__", raising(JacobianFisherProduct.__call__, 3))
+        for product in (JacobianFisherProduct, MlpFisherProduct):  # whichever the policy uses
+            monkeypatch.setattr(product, "__call__", raising(product.__call__, 3))
     elif where == "line search trial":
         monkeypatch.setattr(ActorView, "evaluate", raising(ActorView.evaluate, 2))  # 1: gradient, 2: first trial
     else:

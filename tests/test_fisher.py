@@ -5,10 +5,11 @@ import pytest
 import torch as th
 from torch.func import jvp
 
-from sb3_trpo.actor import ActorView
+from sb3_trpo.actor import ActorView, mlp_fisher_product
 from sb3_trpo.distributions import DistributionParams, Family, fisher_metric_product, kl_divergence
 from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product, mean_kl_from
 from tests.helpers import ACTION_SPACES, reference_kl, sample_batch, tiny_policy
+from tests.test_actor import ValueEmbedding
 
 POLICIES = {
     **{name: (space, {}) for name, space in ACTION_SPACES.items()},
@@ -55,7 +56,11 @@ def products(actor, obs, actions, theta_old):
     reference = kl_hessian_vector_product(
         mean_kl_from(old, lambda t: actor.evaluate(t, obs, actions).params), theta_old, damping=DAMPING
     )
-    return old, {"closed-form": fast, "forward-mode": forward, "double-backprop": reference}
+    implementations = {"closed-form": fast, "forward-mode": forward, "double-backprop": reference}
+    mlp = mlp_fisher_product(actor, obs, DAMPING)
+    if mlp is not None:  # SB3's MLP actor: the written-out product too
+        implementations["written-out-mlp"] = mlp
+    return old, implementations
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -165,3 +170,53 @@ def test_fisher_product_with_a_frozen_distribution_parameter_is_the_kl_hessian(n
         th.testing.assert_close(
             product(v), hessian @ v + DAMPING * v, rtol=1e-4, atol=1e-5, msg=lambda m, label=label: f"{label}: {m}"
         )
+
+
+MLP_COVERED = {
+    **{name: name in ACTION_SPACES for name in POLICIES},
+    **{name: name in ("box-frozen-log-std",) for name in FROZEN},
+}
+
+
+@pytest.mark.parametrize("name", [*POLICIES, *FROZEN])
+def test_the_written_out_mlp_product_covers_sb3s_mlp_actors_and_nothing_else(name):
+    if name in POLICIES:
+        space, kwargs = POLICIES[name]
+        policy = tiny_policy(space, **kwargs)
+    else:
+        space, kwargs, freeze = FROZEN[name]
+        policy = tiny_policy(space, **kwargs)
+        freeze(policy)
+    obs, _ = sample_batch(policy, n=12)
+    assert (mlp_fisher_product(ActorView(policy, obs), obs, DAMPING) is not None) == MLP_COVERED[name]
+
+
+@pytest.mark.parametrize("name", list(ACTION_SPACES))
+@pytest.mark.parametrize(
+    "policy_kwargs",
+    [dict(net_arch=dict(pi=[32, 16, 8], vf=[4])), dict(net_arch=dict(pi=[12], vf=[4]), activation_fn=th.nn.ELU)],
+    ids=["tanh-3-layers", "elu"],
+)
+def test_the_written_out_mlp_product_equals_autograds_on_deeper_networks(name, policy_kwargs):
+    policy = tiny_policy(ACTION_SPACES[name], **policy_kwargs)
+    obs, actions = sample_batch(policy, n=300)
+    actor = ActorView(policy, obs)
+    theta = actor.flat().requires_grad_(True)
+    reference = JacobianFisherProduct(theta, actor.evaluate(theta, obs, actions).params, damping=DAMPING)
+    written_out = mlp_fisher_product(actor, obs, DAMPING)
+    assert written_out is not None
+    generator = th.Generator().manual_seed(2)
+    for _ in range(3):
+        v = th.randn(actor.size, generator=generator)
+        expected = reference(v)
+        assert (expected - DAMPING * v).abs().max() > 1e-3  # F itself is not negligible next to the damping
+        th.testing.assert_close(written_out(v), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_written_out_mlp_product_declines_hooks_and_trainable_extractors():
+    policy = tiny_policy(ACTION_SPACES["box"])
+    obs, _ = sample_batch(policy, n=8)
+    policy.action_net.register_forward_hook(lambda module, inputs, output: output)
+    assert mlp_fisher_product(ActorView(policy, obs), obs, DAMPING) is None
+    cnn_like = tiny_policy(ACTION_SPACES["discrete"], features_extractor_class=ValueEmbedding)
+    assert mlp_fisher_product(ActorView(cnn_like, obs), obs, DAMPING) is None

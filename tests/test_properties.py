@@ -7,7 +7,7 @@ import torch as th
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sb3_trpo.actor import ActorView
+from sb3_trpo.actor import ActorView, mlp_fisher_product
 from sb3_trpo.fisher import JacobianFisherProduct
 from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, is_acceptable
 from tests.helpers import ACTION_SPACES, sample_batch, tiny_policy
@@ -50,13 +50,15 @@ def test_fisher_product_is_symmetric_and_positive_semidefinite(space, seed, n):
     obs, actions = sample_batch(policy, n=n, seed=seed)
     actor = ActorView(policy, obs)
     theta = actor.flat().requires_grad_(True)
-    fisher = JacobianFisherProduct(theta, actor.evaluate(theta, obs, actions).params, damping=0.0)
-    generator = th.Generator().manual_seed(seed)
-    v, w = th.randn(actor.size, generator=generator), th.randn(actor.size, generator=generator)
-    fv, fw = fisher(v), fisher(w)
-    scale = float(fv.norm() * w.norm() + fw.norm() * v.norm()) + 1e-12
-    assert abs(float(w @ fv) - float(v @ fw)) <= 1e-4 * scale
-    assert float(v @ fv) >= -1e-5 * float(fv.norm() * v.norm() + 1e-12)
+    written_out = mlp_fisher_product(actor, obs, damping=0.0)
+    assert written_out is not None
+    for fisher in (JacobianFisherProduct(theta, actor.evaluate(theta, obs, actions).params, damping=0.0), written_out):
+        generator = th.Generator().manual_seed(seed)
+        v, w = th.randn(actor.size, generator=generator), th.randn(actor.size, generator=generator)
+        fv, fw = fisher(v), fisher(w)
+        scale = float(fv.norm() * w.norm() + fw.norm() * v.norm()) + 1e-12
+        assert abs(float(w @ fv) - float(v @ fw)) <= 1e-4 * scale
+        assert float(v @ fv) >= -1e-5 * float(fv.norm() * v.norm() + 1e-12)
 
 
 special = st.sampled_from([math.nan, math.inf, -math.inf, 0.0])

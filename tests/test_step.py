@@ -15,6 +15,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.logger import Logger
 
+import sb3_trpo.actor
 import sb3_trpo.trpo
 from sb3_trpo import TRPO
 from sb3_trpo.solvers import CGResult
@@ -191,16 +192,23 @@ class _TenfoldDamping(sb3_trpo.trpo.JacobianFisherProduct):
         super().__init__(*args, damping=10 * damping, **kwargs)
 
 
+def _tenfold_damping_mlp(actor: Any, obs: Any, damping: float) -> Any:
+    """The written-out MLP Fisher product, broken the same way."""
+    return sb3_trpo.actor.mlp_fisher_product(actor, obs, 10 * damping)
+
+
 @pytest.mark.parametrize(
     "mutant",
     [
-        ("conjugate_gradient", _gradient_instead_of_cg),
-        ("JacobianFisherProduct", _TenfoldDamping),
+        [("conjugate_gradient", _gradient_instead_of_cg)],
+        # both Fisher products (the MLP actor here uses the written-out one)
+        [("JacobianFisherProduct", _TenfoldDamping), ("mlp_fisher_product", _tenfold_damping_mlp)],
     ],
     ids=["gradient-ascent", "wrong-damping"],
 )
 @pytest.mark.parametrize("space_name", ["discrete", "box"])
 def test_a_broken_step_fails_the_comparison(space_name, mutant, monkeypatch):
-    monkeypatch.setattr(sb3_trpo.trpo, *mutant)
+    for name, replacement in mutant:
+        monkeypatch.setattr(sb3_trpo.trpo, name, replacement)
     error, _, _ = _step_error(space_name, 0.01, 0.1, 0)
     assert error > 0.05

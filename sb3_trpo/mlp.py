@@ -1,0 +1,42 @@
+"""SB3's MLP building blocks as plain tensor ops, shared by the fast paths of the critic step and of the
+Fisher-vector product.
+
+An elementwise activation ``h = f(z)`` has a diagonal Jacobian, so the same op gives its vector-Jacobian and its
+Jacobian-vector product. Each entry is the backward op autograd itself runs for that module, written in terms of
+the activation's *output* ``h`` (which the fast paths keep from their forward pass).
+"""
+
+from collections.abc import Callable
+
+import torch as th
+from torch import nn
+
+ActivationDerivative = Callable[[nn.Module, th.Tensor, th.Tensor], th.Tensor]
+
+#: ``(module, its output h, a vector u) -> f'(z) ⊙ u``, for the activation classes the fast paths cover
+ACTIVATION_DERIVATIVES: dict[type[nn.Module], ActivationDerivative] = {
+    nn.Tanh: lambda module, h, u: th.ops.aten.tanh_backward(u, h),
+    nn.ReLU: lambda module, h, u: th.ops.aten.threshold_backward(u, h, 0),
+    nn.LeakyReLU: lambda module, h, u: th.ops.aten.leaky_relu_backward(u, h, module.negative_slope, True),
+    nn.ELU: lambda module, h, u: th.ops.aten.elu_backward(u, module.alpha, 1, 1, True, h),
+}
+
+
+def linear_layers(modules: list[nn.Module]) -> list[tuple[nn.Linear, nn.Module | None]] | None:
+    """Group a flat stack of modules into ``(linear layer, the activation after it or None)``.
+
+    :param modules: e.g. an ``MlpExtractor`` branch followed by a head
+    :return: the groups, or ``None`` if the stack holds anything but biased ``nn.Linear`` layers each followed by
+        at most one covered activation, or if a module has forward hooks
+    """
+    layers: list[tuple[nn.Linear, nn.Module | None]] = []
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            return None
+        if type(module) is nn.Linear and module.bias is not None:
+            layers.append((module, None))
+        elif type(module) in ACTIVATION_DERIVATIVES and layers and layers[-1][1] is None:
+            layers[-1] = (layers[-1][0], module)
+        else:
+            return None
+    return layers
