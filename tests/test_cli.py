@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch as th
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo import TRPO
@@ -34,6 +35,7 @@ def test_train_saves_the_final_and_best_models_the_evaluations_and_its_settings(
     assert config["env_id"] == "CartPole-v1"
     assert config["seed"] == 0
     assert config["n_envs"] == 2  # from the preset
+    assert config["threads"] == 1  # the CLI's default: one torch thread
     assert config["hyperparams"]["n_steps"] == 256  # overridden
     assert config["hyperparams"]["cg_damping"] == 0.001  # from the preset
     model = TRPO.load(cartpole_run / MODEL)
@@ -187,6 +189,7 @@ def error_of(argv, capsys) -> str:
             "not a torch.nn activation",
         ),
         (["train", "CartPole-v1", "--timesteps", "0"], "--timesteps 0: must be >= 1"),
+        (["train", "CartPole-v1", "--threads", "0"], "--threads 0: must be >= 1"),
         (["eval", "does/not/exist"], "does/not/exist does not exist"),
         (["plot", "does/not/exist"], "does/not/exist is not a folder"),
     ],
@@ -253,3 +256,12 @@ def test_overrides_parse_python_literals():
     assert preset.hyperparams == {"gamma": 0.98, "use_sde": True, "policy_kwargs": {"net_arch": [32, 32]}}
     assert preset.normalize is True
     assert preset.n_envs == 4
+
+
+def test_threads_sets_torchs_thread_count_for_the_run(tmp_path, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(th, "set_num_threads", chosen.append)
+    short = ["--timesteps", "256", "--eval-freq", "0", "--hyperparams", "n_steps=128", "batch_size=128"]
+    assert main(["train", "CartPole-v1", "--output", str(tmp_path / "run"), "--threads", "3", *short]) == 0
+    assert chosen == [3]
+    assert json.loads((tmp_path / "run" / CONFIG).read_text())["threads"] == 3

@@ -26,6 +26,16 @@ def test_readme_example_solves_cartpole():
     assert mean >= 475.0
 
 
+def test_readme_example_runs_without_tqdm_and_rich(monkeypatch, capsys):
+    """SB3's progress bar needs optional packages: without them the example prints plain progress lines."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("tqdm", "rich") else real_find_spec(name, *a)
+    )
+    readme_example()(seed=0, timesteps=2048, progress_bar=True)
+    assert "100%  2,048 / 2,048 timesteps" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_readme_example_solves_cartpole_on_every_seed():
     results = [readme_example()(seed=seed)[0] for seed in range(3)]

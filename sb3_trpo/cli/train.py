@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default: drawn at random and recorded in config.json)")
     parser.add_argument("--n-envs", type=int, help="parallel environments (default: the preset's, else 1)")
     parser.add_argument("--device", default="auto", help='torch device: "auto" (default), "cpu", "cuda", ...')
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fastest for TRPO's small networks, see benchmarks/README.md)",
+    )
     parser.add_argument("--tensorboard-log", type=Path, help="also write TensorBoard logs into this folder")
     parser.add_argument("--output", type=Path, help="run folder (default: runs/ENV_ID_N, N the next free number)")
     parser.add_argument("--eval-freq", type=int, default=10_000, help="evaluate every this many timesteps (0: never)")
@@ -52,11 +58,15 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--n-envs", n_envs), ("--timesteps", timesteps), ("--eval-episodes", args.eval_episodes)):
         if value < 1:
             raise CliError(f"{flag} {value}: must be >= 1.")
+    if args.threads < 1:
+        raise CliError(f"--threads {args.threads}: must be >= 1.")
     if args.eval_freq < 0:
         raise CliError(f"--eval-freq {args.eval_freq}: must be >= 0 (0 turns periodic evaluation off).")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     output = args.output if args.output is not None else _next_free(Path("runs"), args.env_id)
 
+    # a process-wide setting: the CLI owns its process, the library never changes it
+    th.set_num_threads(args.threads)
     env = runs.make_env(args.env_id, n_envs, seed)
     eval_env = runs.make_env(args.env_id, 1, seed + 1_000_000)
     if settings.normalize:
@@ -84,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             "env_id": args.env_id,
             "seed": seed,
             "n_envs": n_envs,
+            "threads": args.threads,
             "normalize": settings.normalize,
             "timesteps": timesteps,
             "policy": settings.policy,
