@@ -212,6 +212,7 @@ def run_case(name: str, case: Case, repeats: int) -> dict[str, Any]:
 def _fisher_product_ms(name: str, repeats: int) -> dict[str, float]:
     from torch.func import jvp
 
+    from sb3_trpo.actor import mlp_fisher_product
     from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product, mean_kl_from
 
     model, callback = build(sb3_trpo.TRPO, CASES[name])
@@ -235,6 +236,7 @@ def _fisher_product_ms(name: str, repeats: int) -> dict[str, float]:
         ),
         "forward": JacobianFisherProduct(theta, params, 0.1, jvp=forward_mode),
         "reverse": JacobianFisherProduct(theta, params, 0.1),
+        "written-out": mlp_fisher_product(actor, obs, 0.1),
     }
     v = th.randn_like(theta_old)
     ms = {}
@@ -250,17 +252,19 @@ def _fisher_product_ms(name: str, repeats: int) -> dict[str, float]:
 
 
 def fisher_variants(repeats: int) -> None:
-    """Milliseconds per Fisher-vector product on the rollout of each MuJoCo-shaped case, computed three ways."""
+    """Milliseconds per Fisher-vector product on the rollout of each MuJoCo-shaped case, computed four ways."""
     print("\nOne Fisher-vector product (ms, median), 2048 states, 6-D Gaussian policy:\n")
     print(
         "| network | double backprop through the KL (reference) | Jᵀ M J, J v in forward mode "
-        "| Jᵀ M J, J v reverse-over-reverse (used) |"
+        "| Jᵀ M J, J v reverse-over-reverse (other policies) | Jᵀ M J written out for MLPs (used here) |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for name in ("mujoco64", "mujoco256"):
         ms = _fisher_product_ms(name, repeats)
         width = name.removeprefix("mujoco")
-        print(f"| {width}x{width} | {ms['double']:.2f} | {ms['forward']:.2f} | {ms['reverse']:.2f} |")
+        print(
+            f"| {width}x{width} | {ms['double']:.2f} | {ms['forward']:.2f} | {ms['reverse']:.2f} | {ms['written-out']:.2f} |"
+        )
 
 
 def sub_sampling(repeats: int) -> None:

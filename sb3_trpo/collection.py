@@ -126,7 +126,11 @@ def _layer(module: nn.Module, fresh_input: bool = False) -> Layer:
     """
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
-        return lambda x: F.linear(x, weight, bias)
+        if bias is None:
+            return lambda x: F.linear(x, weight)
+        # what F.linear runs for a batch with a bias, with the transposed weight (a view) made once per rollout
+        weight_t = weight.t()
+        return lambda x: th.addmm(bias, x, weight_t)
     if type(module) is nn.Tanh:
         return th.tanh_ if fresh_input else th.tanh
     if type(module) is nn.ReLU:
