@@ -207,7 +207,8 @@ class LeanForward:
         self._value_head, self._action_head = _layer(policy.value_net), _layer(policy.action_net)
         self._action_shape = (-1, *(policy.action_space.shape or ()))
         self._on_cpu = policy.device.type == "cpu"
-        self._std_version = -1
+        self._std_version = self._sde_version = -1
+        self._sde_variance: th.Tensor
         self._std: tuple[th.Tensor, np.ndarray, np.ndarray]
         space = policy.observation_space
         # flat Box observations through FlattenExtractors: their float32 batches are the features themselves
@@ -286,11 +287,22 @@ class LeanForward:
         distribution = self.policy.action_dist
         assert isinstance(distribution, StateDependentNoiseDistribution)
         mean = self._action_head(latent_pi)
-        variance = th.mm(latent_pi**2, distribution.get_std(self.policy.log_std) ** 2)
-        std = th.sqrt(variance + distribution.epsilon)
+        log_std = self.policy.log_std
+        if self._sde_version != log_std._version:  # the squared std matrix depends on log_std only
+            self._sde_variance = distribution.get_std(log_std) ** 2
+            self._sde_version = log_std._version
+        std = th.sqrt(th.mm(latent_pi**2, self._sde_variance) + distribution.epsilon)
         # gSDE draws no random numbers here: its noise comes from the exploration matrices sampled by reset_noise
-        actions = mean + distribution.get_noise(latent_pi)
-        return actions.cpu().numpy(), self._gaussian_log_prob(actions, mean, std)
+        noise = distribution.get_noise(latent_pi)
+        if not self._on_cpu:
+            actions = mean + noise
+            return actions.cpu().numpy(), self._gaussian_log_prob(actions, mean, std)
+        mean_np = mean.numpy()
+        actions_np = mean_np + noise.numpy()
+        deviation = actions_np - mean_np
+        std_np = std.numpy()
+        terms = -(deviation * deviation) / (2 * (std_np * std_np)) - std.log().numpy() - _LOG_SQRT_2PI
+        return actions_np, th.from_numpy(terms).sum(dim=1)
 
     def _categorical_sample(self, logits: th.Tensor) -> tuple[np.ndarray, th.Tensor]:
         # torch's Categorical: normalized logits, one multinomial draw per row from their softmax
