@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning import CONTRIB_SEARCH, SETTINGS  # rl-zoo3's settings, shared with the learning benchmark)
+from timing import Section
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT_JSON = RESULTS / "end_to_end.json"
@@ -84,27 +85,12 @@ def run_one(job: tuple[str, str, int]) -> dict[str, Any]:
 
     case = CASES[name]
     model = TRPO("MlpPolicy", _make_env(case, seed), seed=seed, **case["kwargs"])
-    seconds = {"collect_rollouts": 0.0, "train": 0.0}
-    calls = {"collect_rollouts": 0, "train": 0}
-
-    def timed(method_name: str) -> None:
-        method = getattr(model, method_name)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                seconds[method_name] += time.perf_counter() - start
-                calls[method_name] += 1
-
-        setattr(model, method_name, wrapper)
-
-    timed("collect_rollouts")
-    timed("train")
-    start = time.perf_counter()
-    model.learn(case["timesteps"])
-    wall = time.perf_counter() - start
+    sections = Section()
+    with sections.patched(model, "collect_rollouts", "collect"), sections.patched(model, "train", "train"):
+        start = time.perf_counter()
+        model.learn(case["timesteps"])
+        wall = time.perf_counter() - start
+    seconds, calls = sections.seconds, sections.calls
     returns = [e["r"] for e in model.ep_info_buffer]
     return {
         "case": name,
@@ -112,10 +98,10 @@ def run_one(job: tuple[str, str, int]) -> dict[str, Any]:
         "seed": seed,
         "timesteps": model.num_timesteps,
         "learn_s": wall,
-        "collect_s": seconds["collect_rollouts"],
+        "collect_s": seconds["collect"],
         "train_s": seconds["train"],
         "train_calls": calls["train"],
-        "collect_steps_per_s": model.num_timesteps / seconds["collect_rollouts"],
+        "collect_steps_per_s": model.num_timesteps / seconds["collect"],
         "train_ms": 1e3 * seconds["train"] / max(calls["train"], 1),
         "final_return": float(np.mean(returns)) if returns else float("nan"),
         **_versions(),

@@ -16,9 +16,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from timing import Section
 
 import sb3_trpo
 import sb3_trpo.trpo
@@ -123,30 +122,6 @@ def fill_identically(ours: OnPolicyAlgorithm, theirs: OnPolicyAlgorithm, callbac
         setattr(theirs.rollout_buffer, name, getattr(ours.rollout_buffer, name).copy())
     theirs.rollout_buffer.full = True
     theirs.rollout_buffer.pos = ours.rollout_buffer.pos
-
-
-class Section:
-    """Wraps a function of ``sb3_trpo.trpo`` to accumulate the time spent in it."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def patched(self, target: Any, attribute: str, label: str) -> Iterator[None]:
-        original = getattr(target, attribute)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[label] += time.perf_counter() - start
-
-        setattr(target, attribute, timed)
-        try:
-            yield
-        finally:
-            setattr(target, attribute, original)
 
 
 def run_case(name: str, case: Case, repeats: int) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from sb3_trpo.collection import (
     NonFiniteRolloutError,
     count_non_finite,
     lean_collect_rollouts,
-    lean_collection_gap,
     non_finite_counts,
     non_finite_rollout_error,
     vec_normalize_running_stats,
@@ -56,6 +55,7 @@ from sb3_trpo.distributed import (
 )
 from sb3_trpo.distributions import kl_divergence
 from sb3_trpo.fisher import JacobianFisherProduct
+from sb3_trpo.lean_forward import lean_collection_gap
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
 from sb3_trpo.validation import check_against_spaces, check_arguments, check_spaces

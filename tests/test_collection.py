@@ -18,8 +18,8 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-from sb3_trpo import TRPO, collection
-from sb3_trpo.collection import LeanForward, lean_collection_gap
+from sb3_trpo import TRPO, lean_forward
+from sb3_trpo.lean_forward import LeanForward, lean_collection_gap
 from tests.helpers import ACTION_SPACES, RandomEnv
 
 BUFFER_FIELDS = ("actions", "rewards", "episode_starts", "values", "log_probs", "advantages", "returns")
@@ -260,11 +260,11 @@ def test_the_torch_path_for_other_devices_matches_sb3_too(monkeypatch):
 
 
 def test_multinomial_is_drawn_as_torch_draws_it():
-    assert collection._multinomial_is_exponential_race(th.device("cpu"))  # so the CPU path above used the race
+    assert lean_forward._multinomial_is_exponential_race(th.device("cpu"))  # so the CPU path above used the race
 
 
 def test_collection_when_torch_draws_multinomials_otherwise(monkeypatch):
-    monkeypatch.setattr(collection, "_multinomial_is_exponential_race", lambda device: False)
+    monkeypatch.setattr(lean_forward, "_multinomial_is_exponential_race", lambda device: False)
     assert_identical_collection(random_env_model(OBSERVATION_SPACES["box"], ACTION_SPACES["multidiscrete"]), 2)
 
 
@@ -277,6 +277,13 @@ class OwnBuffer(RolloutBuffer):
     pass
 
 
+def _small_model(env_id: str, policy: Any = "MlpPolicy", **kwargs: Any) -> Any:
+    """:return: a function of ``fast_collection`` making a small seeded TRPO on ``env_id``"""
+    return lambda fast: TRPO(
+        policy, make_vec_env(env_id, 2, seed=0), n_steps=16, batch_size=32, seed=0, fast_collection=fast, **kwargs
+    )
+
+
 def _hooked(fast: bool) -> TRPO:
     model = random_env_model(OBSERVATION_SPACES["box"], ACTION_SPACES["box"])(fast)
     model.policy.action_net.register_forward_hook(lambda module, inputs, output: output)
@@ -286,43 +293,10 @@ def _hooked(fast: bool) -> TRPO:
 @pytest.mark.parametrize(
     ("make_model", "reason"),
     [
-        (
-            lambda fast: TRPO(
-                OwnForwardPolicy,
-                make_vec_env("CartPole-v1", 2, seed=0),
-                n_steps=16,
-                batch_size=32,
-                seed=0,
-                fast_collection=fast,
-            ),
-            "overrides forward",
-        ),
-        (
-            lambda fast: TRPO(
-                "MlpPolicy",
-                make_vec_env("CartPole-v1", 2, seed=0),
-                n_steps=16,
-                batch_size=32,
-                seed=0,
-                rollout_buffer_class=OwnBuffer,
-                fast_collection=fast,
-            ),
-            "rollout buffer class OwnBuffer",
-        ),
+        (_small_model("CartPole-v1", OwnForwardPolicy), "overrides forward"),
+        (_small_model("CartPole-v1", rollout_buffer_class=OwnBuffer), "rollout buffer class OwnBuffer"),
         (_hooked, "forward hooks"),
-        (
-            lambda fast: TRPO(
-                "MlpPolicy",
-                make_vec_env("Pendulum-v1", 2, seed=0),
-                n_steps=16,
-                batch_size=32,
-                seed=0,
-                use_sde=True,
-                policy_kwargs={"squash_output": True},
-                fast_collection=fast,
-            ),
-            "squashed actions",
-        ),
+        (_small_model("Pendulum-v1", use_sde=True, policy_kwargs={"squash_output": True}), "squashed actions"),
     ],
     ids=["own-forward", "own-buffer", "hooks", "squashed-gsde"],
 )
