@@ -12,9 +12,11 @@ there is skipped, so an interrupted benchmark resumes. ``report`` writes the mar
     python benchmarks/end_to_end.py run                 # every case, seeds 0 1 2
     python benchmarks/end_to_end.py run --cases hopper-zoo --seeds 0
     python benchmarks/end_to_end.py report              # -> benchmarks/results/end_to_end.md
+    python benchmarks/end_to_end.py profile             # where a collected sample's time goes -> collection_profile.md
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -121,6 +123,73 @@ def env_ceiling(name: str, samples: int = 40_000) -> float:
     return samples / (time.perf_counter() - start)
 
 
+def profile_step(name: str, implementation: str, steps: int = 4096) -> dict[str, float]:
+    """Microseconds per collected sample in each part of one rollout's steps (after a warm-up rollout), 1 thread.
+
+    The parts: the observation's conversion to a tensor, the policy's forward pass (with the action sampled and
+    made a numpy array for sb3_trpo's lean loop; SB3's ``policy(obs)`` with its ``torch.distributions`` object for
+    sb3-contrib, whose ``.cpu().numpy()`` of the actions is in "rest"), the vectorized env's ``step``, the buffer
+    write, the callbacks' ``on_step``, and the rest of the loop (its bookkeeping, clipping, the episode-info
+    buffer, GAE at the end).
+    """
+    import stable_baselines3.common.on_policy_algorithm as sb3_loop
+    import torch as th
+
+    import sb3_trpo.collection as lean_loop
+    from sb3_trpo.lean_forward import LeanForward
+
+    th.set_num_threads(1)
+    if implementation == "sb3_trpo":
+        from sb3_trpo import TRPO
+    else:
+        from sb3_contrib import TRPO  # type: ignore[assignment]
+    case = CASES[name]
+    n_steps = max(steps // case["n_envs"], 1)
+    model = TRPO("MlpPolicy", _make_env(case, seed=0), seed=0, **{**case["kwargs"], "n_steps": n_steps})
+    _, callback = model._setup_learn(10 * n_steps * case["n_envs"], callback=None)
+    callback.init_callback(model)
+    callback.on_training_start(locals(), globals())
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)  # warm-up
+    sections = Section()
+    ours = implementation == "sb3_trpo"
+    patches = [
+        (lean_loop if ours else sb3_loop, "obs_as_tensor", "obs to tensor"),
+        (LeanForward, "__call__", "forward") if ours else (model.policy, "forward", "forward"),
+        (model.env, "step", "env.step"),
+        (lean_loop, "_store", "buffer write") if ours else (model.rollout_buffer, "add", "buffer write"),
+        (callback, "on_step", "callbacks"),
+        (model, "collect_rollouts", "total"),
+    ]
+    with contextlib.ExitStack() as stack:
+        for target, attribute, label in patches:
+            stack.enter_context(sections.patched(target, attribute, label))
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
+    samples = n_steps * case["n_envs"]
+    parts = {label: 1e6 * sections.seconds[label] / samples for _, _, label in patches}
+    parts["rest"] = parts["total"] - sum(v for k, v in parts.items() if k != "total")
+    return parts
+
+
+def profile(cases: list[str]) -> str:
+    labels = ["obs to tensor", "forward", "env.step", "buffer write", "callbacks", "rest", "total"]
+    lines = [
+        f"# commit {_versions()['commit']}; microseconds per collected sample, one rollout after a warm-up, 1 thread, "
+        "one implementation at a time",
+        "",
+        f"| case | implementation | {' | '.join(labels)} |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    for name in cases:
+        for implementation in IMPLEMENTATIONS:
+            with ProcessPoolExecutor(max_workers=1) as pool:  # a fresh process: nothing of the other's state
+                parts = pool.submit(profile_step, name, implementation).result()
+            lines.append(f"| {name} | {implementation} | " + " | ".join(f"{parts[k]:.0f}" for k in labels) + " |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "collection_profile.md").write_text(text)
+    return text
+
+
 def _load() -> list[dict[str, Any]]:
     return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
 
@@ -200,7 +269,12 @@ def main() -> None:
     run_parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     sub.add_parser("report")
+    profile_parser = sub.add_parser("profile")
+    profile_parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
+    if args.command == "profile":
+        print(profile(args.cases))
+        return
     if args.command == "run":
         run(args.cases, args.seeds)
     print(report())
