@@ -1,6 +1,8 @@
 """The ``sb3-trpo`` command line: train, eval and plot on short runs, and their error paths."""
 
+import inspect
 import json
+import pathlib
 import pickle
 import shutil
 import subprocess
@@ -265,3 +267,33 @@ def test_threads_sets_torchs_thread_count_for_the_run(tmp_path, monkeypatch):
     assert main(["train", "CartPole-v1", "--output", str(tmp_path / "run"), "--threads", "3", *short]) == 0
     assert chosen == [3]
     assert json.loads((tmp_path / "run" / CONFIG).read_text())["threads"] == 3
+
+
+MUJOCO_TASKS = ("Hopper", "HalfCheetah", "Walker2d", "Ant", "Swimmer", "Humanoid", "InvertedDoublePendulum")
+LEARNING_RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "learning"
+
+
+def _with_defaults(hyperparams: dict) -> dict:
+    defaults = {name: p.default for name, p in inspect.signature(TRPO.__init__).parameters.items() if p.default is not p.empty}
+    return {**defaults, **hyperparams}
+
+
+@pytest.mark.parametrize("task", MUJOCO_TASKS)
+def test_a_measured_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_result(task):
+    """A preset that names its learning-benchmark runs must be exactly the settings those runs used (3 seeds at the
+    preset's budget), and its ``source`` must quote their mean final return."""
+    env_id = f"{task}-v5"
+    entry = load_presets().get(env_id)
+    if entry is None or "benchmark" not in entry:
+        pytest.skip(f"{env_id}: no measured preset yet")
+    runs = [json.loads(p.read_text()) for p in sorted((LEARNING_RESULTS / entry["benchmark"]).glob("seed*/result.json"))]
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2]
+    preset = preset_for(env_id)
+    for run in runs:
+        assert run["env"] == env_id
+        assert run["timesteps"] == preset.n_timesteps
+        assert run["settings"]["n_envs"] == preset.n_envs
+        assert bool(run["settings"]["normalize"]) == preset.normalize
+        assert _with_defaults(run["settings"]["kwargs"]) == _with_defaults(preset.hyperparams)
+    mean_final = float(np.mean([r["final_return_mean"] for r in runs]))
+    assert f"{mean_final:.0f}" in preset.source
