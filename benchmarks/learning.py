@@ -8,6 +8,7 @@ A run whose ``result.json`` exists is skipped, so an interrupted benchmark resum
 
     python benchmarks/learning.py run --envs CartPole-v1 Pendulum-v1 --seeds 0 1 2 --jobs 2
     python benchmarks/learning.py report        # markdown table + one PNG of learning curves per env
+    python benchmarks/learning.py presets       # MuJoCo presets vs the published bar -> results/mujoco_presets.md
 
 ``--jobs 2`` runs the two implementations of one (env, seed) at the same time, so both see the same load.
 """
@@ -227,6 +228,72 @@ def run(
             print(line, flush=True)
 
 
+#: the highest published TRPO returns at about 1M steps (issue 12), the bar each preset is measured against
+PUBLISHED = {
+    "Hopper-v5": (3618, "rl-baselines3-zoo benchmark, sb3-contrib TRPO (final)"),
+    "HalfCheetah-v5": (4471, "Tianshou MuJoCo benchmark (best point, 10 seeds)"),
+    "Walker2d-v5": (4933, "rl-baselines3-zoo benchmark (final)"),
+    "Ant-v5": (4982, "rl-baselines3-zoo benchmark (final)"),
+    "Swimmer-v5": (366, "rl-baselines3-zoo benchmark (final)"),
+    "Humanoid-v5": (1030, "Engstrom et al. 2020, TRPO+"),
+    "InvertedDoublePendulum-v5": (8994, "nnabla-rl reproduction (best point, 3 seeds)"),
+}
+
+
+def _summary(out: Path, env_id: str, label: str) -> dict[str, Any] | None:
+    """Final and best-point returns (mean, std over seeds), wall time and steps/s of one label's finished runs."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / env_id / label).glob("seed*/result.json"))]
+    if not runs:
+        return None
+    finals, bests = [], []
+    for r in runs:
+        finals.append(r["final_return_mean"])
+        curve = out / env_id / label / f"seed{r['seed']}" / "evaluations.npz"
+        periodic = np.load(curve)["results"].mean(axis=1).tolist() if curve.exists() else []
+        bests.append(max([r["final_return_mean"], *periodic]))
+    return {
+        "seeds": len(runs),
+        "final": (float(np.mean(finals)), float(np.std(finals))),
+        "best": (float(np.mean(bests)), float(np.std(bests))),
+        "seconds": float(np.mean([r["train_seconds"] for r in runs])),
+        "steps_per_second": float(np.mean([r["steps_per_second"] for r in runs])),
+        "commits": sorted({r["versions"].get("git_commit", "?")[:7] for r in runs}),
+    }
+
+
+def presets_report(out: Path) -> str:
+    """The MuJoCo presets against the published bar and against both implementations on rl-zoo3's settings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sb3_trpo.cli.presets import load_presets
+
+    presets = load_presets()
+
+    def cell(summary: dict[str, Any] | None, key: str) -> str:
+        if summary is None:
+            return "not run"
+        mean, std = summary[key]
+        return f"{mean:.0f} ± {std:.0f}" + ("" if summary["seeds"] == 3 else f" ({summary['seeds']} seed(s))")
+
+    lines = [
+        "| task | published bar | sb3_trpo preset: final | best point | met | wall time, steps/s | "
+        "rl-zoo3 settings, sb3-contrib: final | best point | rl-zoo3 settings, sb3_trpo: final | best point |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for env_id, (bar, source) in PUBLISHED.items():
+        label = presets.get(env_id, {}).get("benchmark")
+        mine = _summary(out, env_id, label.split("/", 1)[1]) if label else None
+        contrib, same = _summary(out, env_id, "sb3_contrib"), _summary(out, env_id, "sb3_trpo")
+        met = "n/a" if mine is None or mine["seeds"] < 3 else ("yes" if mine["final"][0] >= bar else "no")
+        speed = "" if mine is None else f"{mine['seconds']:.0f} s, {mine['steps_per_second']:.0f}/s"
+        lines.append(
+            f"| {env_id} | {bar} ({source}) | {cell(mine, 'final')} | {cell(mine, 'best')} | {met} | {speed} "
+            f"| {cell(contrib, 'final')} | {cell(contrib, 'best')} | {cell(same, 'final')} | {cell(same, 'best')} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out.parent / "mujoco_presets.md").write_text(text)
+    return text
+
+
 def report(out: Path) -> None:
     """Print the results table (markdown) and write one learning-curve PNG per environment into ``out``."""
     import matplotlib
@@ -300,10 +367,14 @@ def main() -> None:
     )
     report_parser = sub.add_parser("report", help="results table and learning-curve PNGs")
     report_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    presets_parser = sub.add_parser("presets", help="MuJoCo presets vs the published bar -> results/mujoco_presets.md")
+    presets_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.command == "run":
         overrides = {key: _literal(value) for key, value in (item.split("=", 1) for item in args.set)}
         run(args.envs, args.seeds, args.jobs, args.out, args.timesteps, args.implementations, overrides or None)
+    elif args.command == "presets":
+        print(presets_report(args.out))
     else:
         report(args.out)
 
