@@ -127,6 +127,8 @@ def run_one(
     from stable_baselines3.common.evaluation import evaluate_policy
     from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
 
+    from sb3_trpo.cli.presets import model_kwargs
+
     th.set_num_threads(1)
     if implementation == "sb3_trpo":
         from sb3_trpo import TRPO
@@ -137,10 +139,8 @@ def run_one(
     overrides = dict(overrides or {})
     setting.update({key: overrides.pop(key) for key in RUN_KEYS if key in overrides})
     setting["kwargs"] = {**setting["kwargs"], **overrides}
-    kwargs = dict(setting["kwargs"])
-    activation = kwargs.get("policy_kwargs", {}).get("activation_fn")
-    if isinstance(activation, str):  # given by name, e.g. 'ReLU'
-        kwargs["policy_kwargs"] = {**kwargs["policy_kwargs"], "activation_fn": getattr(th.nn, activation)}
+    # as the CLI reads presets: {'linear': [start, end]} schedules, activation_fn by name
+    kwargs = model_kwargs(setting["kwargs"])
     run_dir.mkdir(parents=True, exist_ok=True)
     env = make_vec_env(env_id, n_envs=setting["n_envs"], seed=seed)
     eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)

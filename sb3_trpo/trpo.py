@@ -162,7 +162,10 @@ class TRPO(OnPolicyAlgorithm):
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation.
     :param normalize_advantage: Whether to normalize the advantages over the rollout. Default ``True``.
     :param target_kl: Trust-region radius ``δ``: the largest mean KL(old || new) an accepted step may have,
-        > 0. Default ``0.01``.
+        > 0. Default ``0.01``. It can be a function of the current progress remaining (from 1 to 0), as
+        ``learning_rate`` can, e.g. ``stable_baselines3.common.utils.LinearSchedule(0.05, 0.01, 1.0)`` to shrink
+        the radius as training goes (Engstrom et al. 2020 anneal it for TRPO+); a value of 0 leaves the policy
+        unchanged at that update.
     :param sub_sampling_factor: Compute the Fisher-vector products on every k-th sample only (the gradient and
         the line search still use the whole rollout), >= 1; see Schulman's thesis, pp. 40-42. Default ``1``.
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -211,7 +214,7 @@ class TRPO(OnPolicyAlgorithm):
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         normalize_advantage: bool = True,
-        target_kl: float = 0.01,
+        target_kl: float | Schedule = 0.01,
         sub_sampling_factor: int = 1,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -262,7 +265,7 @@ class TRPO(OnPolicyAlgorithm):
         self.line_search_max_iter = line_search_max_iter
         self.n_critic_updates = n_critic_updates
         self.normalize_advantage = normalize_advantage
-        self.target_kl = target_kl
+        self.target_kl = target_kl if callable(target_kl) else float(target_kl)
         self.sub_sampling_factor = sub_sampling_factor
         self.distributed = distributed
         self.fast_collection = fast_collection
@@ -523,13 +526,14 @@ class TRPO(OnPolicyAlgorithm):
     def train(self) -> None:
         """Update the policy with one trust-region step, then fit the critic, on the current rollout buffer."""
         self.policy.set_training_mode(True)
+        target_kl = self._current_target_kl()
         # the learning rate schedule drives the critic's optimizer only
         self._update_learning_rate(self.policy.optimizer)
         self._check_rollout_is_finite()
         batch = self._rollout_batch()
         actor = self._get_actor_view(batch.observations)
 
-        step = self._policy_step(actor, batch)
+        step = self._policy_step(actor, batch, target_kl)
         value_loss = self._critic_step(actor, batch)
         self._n_updates += 1
         self.logger.record("train/skipped_policy_steps", self._skipped_policy_steps)
@@ -537,6 +541,7 @@ class TRPO(OnPolicyAlgorithm):
 
         self.logger.record("train/policy_objective", step.policy_objective)
         self.logger.record("train/kl_divergence_loss", step.kl_divergence)
+        self.logger.record("train/target_kl", target_kl)
         self.logger.record("train/is_line_search_success", float(step.accepted))
         self.logger.record("train/surrogate_improvement", step.surrogate_improvement)
         self.logger.record("train/expected_improvement", step.expected_improvement)
@@ -558,10 +563,31 @@ class TRPO(OnPolicyAlgorithm):
             self.logger.record("distributed/all_reduces", self._replica.all_reduces)
             self._replica.bytes_reduced = self._replica.all_reduces = 0
 
-    def _policy_step(self, actor: ActorView, batch: RolloutBatch) -> PolicyStepResult:
+    def _current_target_kl(self) -> float:
+        """The trust-region radius for this update: ``target_kl``, or its schedule at the current progress.
+
+        :raises ValueError: if a schedule returns anything but a finite number >= 0 (before anything changes)
+        """
+        if not callable(self.target_kl):
+            return self.target_kl
+        progress = self._current_progress_remaining
+        try:
+            value = float(self.target_kl(progress))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"The target_kl schedule failed at progress_remaining={progress:.4g}: {error}") from error
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"The target_kl schedule returned {value!r} at progress_remaining={progress:.4g}: it must return finite "
+                "numbers >= 0 (0 leaves the policy unchanged). Nothing was updated: the model is as before this call."
+            )
+        return value
+
+    def _policy_step(self, actor: ActorView, batch: RolloutBatch, target_kl: float) -> PolicyStepResult:
         """One trust-region step: gradient → conjugate gradient → max step → line search → commit.
 
         The policy's parameters change only in the final commit, and only if a step was accepted.
+
+        :param target_kl: the trust-region radius of this update (0: no step)
         """
         obs, actions = batch.observations, batch.actions
         theta_old = actor.flat()
@@ -588,6 +614,8 @@ class TRPO(OnPolicyAlgorithm):
         old_entropy = _entropy(current)
         if not math.isfinite(old_objective) or not bool(th.isfinite(gradient).all()):
             return self._skip_policy_step("the surrogate or its gradient is not finite", old_objective, old_entropy)
+        if target_kl == 0.0:  # a schedule that reached 0: no step, as asked (not a skipped step)
+            return PolicyStepResult.unchanged(old_objective, 0, math.nan, old_entropy.mean().item())
 
         # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g
         local_fisher: Callable[[th.Tensor], th.Tensor]
@@ -613,7 +641,7 @@ class TRPO(OnPolicyAlgorithm):
             )
         if not bool(th.isfinite(cg.x).all()) or not bool(th.isfinite(cg.a_x).all()):
             return self._skip_policy_step("the conjugate-gradient solution is not finite", old_objective, old_entropy)
-        max_step = max_step_size(cg.x, cg.a_x, self.target_kl)
+        max_step = max_step_size(cg.x, cg.a_x, target_kl)
         if max_step == 0.0 and gradient_norm > 0:
             curvature = float(cg.x @ cg.a_x)
             return self._skip_policy_step(
@@ -638,7 +666,7 @@ class TRPO(OnPolicyAlgorithm):
         search = backtracking_line_search(
             trial,
             max_step=max_step,
-            max_kl=self.target_kl,
+            max_kl=target_kl,
             shrinking_factor=self.line_search_shrinking_factor,
             max_iter=self.line_search_max_iter,
         )

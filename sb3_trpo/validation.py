@@ -51,7 +51,7 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, (bool, np.bool_))
 
 
-def _valid_learning_rate(v: Any) -> bool:
+def _positive_or_schedule(v: Any) -> bool:
     if callable(v):
         try:
             values = [float(v(progress)) for progress in (1.0, 0.5, 0.0)]
@@ -121,7 +121,7 @@ class Rule(NamedTuple):
 
 RULES: dict[str, Rule] = {
     "learning_rate": Rule(
-        _valid_learning_rate,
+        _positive_or_schedule,
         "a finite number > 0, or a schedule (progress 1 -> 0) whose values are finite, >= 0, and > 0 at the start",
     ),
     "n_steps": Rule(*_int_at_least(1)),
@@ -138,7 +138,10 @@ RULES: dict[str, Rule] = {
     "rollout_buffer_class": Rule(_valid_buffer_class, "None or a subclass of stable_baselines3's RolloutBuffer"),
     "rollout_buffer_kwargs": Rule(lambda v: v is None or isinstance(v, dict), "None or a dict"),
     "normalize_advantage": Rule(_is_bool, "True or False"),
-    "target_kl": Rule(*_real_in(0.0, math.inf, closed_low=False, closed_high=False)),
+    "target_kl": Rule(
+        _positive_or_schedule,
+        "a finite number > 0, or a schedule (progress 1 -> 0) whose values are finite, >= 0, and > 0 at the start",
+    ),
     "sub_sampling_factor": Rule(*_int_at_least(1)),
     "distributed": Rule(lambda v: _is_bool(v) or (isinstance(v, str) and v == "auto"), 'True, False or "auto"'),
     "fast_collection": Rule(_is_bool, "True or False"),

@@ -15,7 +15,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo import TRPO
 from sb3_trpo.cli import main
-from sb3_trpo.cli.presets import DEFAULT, apply_overrides, load_presets, preset_for
+from sb3_trpo.cli.presets import DEFAULT, CliError, apply_overrides, load_presets, model_kwargs, preset_for
 from sb3_trpo.cli.runs import BEST_MODEL, BEST_VEC_NORMALIZE, CONFIG, EVALUATIONS, MODEL, VEC_NORMALIZE
 
 SHORT = ["--timesteps", "2048", "--eval-freq", "1024", "--eval-episodes", "2", "--seed", "0", "--no-progress-bar"]
@@ -243,7 +243,7 @@ def test_every_preset_is_valid_for_trpo():
         assert preset.source
         assert preset.n_envs >= 1
         assert preset.n_timesteps >= 1
-        TRPO(preset.policy, None, **preset.hyperparams, _init_setup_model=False)  # every keyword accepted and valid
+        TRPO(preset.policy, None, **model_kwargs(preset.hyperparams), _init_setup_model=False)  # accepted and valid
 
 
 def test_other_versions_share_a_preset_and_unknown_environments_get_defaults():
@@ -297,3 +297,22 @@ def test_a_measured_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_r
         assert _with_defaults(run["settings"]["kwargs"]) == _with_defaults(preset.hyperparams)
     mean_final = float(np.mean([r["final_return_mean"] for r in runs]))
     assert f"{mean_final:.0f}" in preset.source
+
+
+def test_a_linear_schedule_in_hyperparams_becomes_sb3s_linear_schedule():
+    preset = apply_overrides(
+        preset_for("Hopper-v5"), ["target_kl={'linear': [0.05, 0.01]}", "learning_rate={'linear': [1e-3, 0]}"]
+    )
+    kwargs = model_kwargs(preset.hyperparams)
+    assert kwargs["target_kl"](1.0) == pytest.approx(0.05)
+    assert kwargs["target_kl"](0.0) == pytest.approx(0.01)
+    assert kwargs["learning_rate"](0.5) == pytest.approx(5e-4)
+    assert preset.hyperparams["target_kl"] == {"linear": [0.05, 0.01]}  # the JSON form is what config.json records
+    TRPO("MlpPolicy", None, **kwargs, _init_setup_model=False)
+
+
+@pytest.mark.parametrize("bad", ["{'linear': [0.05]}", "{'cosine': [0.05, 0.01]}", "{'linear': ['a', 0.01]}"])
+def test_a_malformed_schedule_says_how_to_write_one(bad):
+    preset = apply_overrides(DEFAULT, [f"target_kl={bad}"])
+    with pytest.raises(CliError, match=r"target_kl=.*: a schedule is written \{'linear': \[start, end\]\}"):
+        model_kwargs(preset.hyperparams)

@@ -22,6 +22,7 @@ NEW_KEYS = [
     "train/step_size",
     "train/cg_residual",
     "train/entropy",
+    "train/target_kl",
 ]
 
 

@@ -6,12 +6,15 @@ import json
 from importlib import resources
 from typing import Any, NamedTuple
 
+from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 
 from sb3_trpo.trpo import TRPO
 
 #: run settings that are not TRPO keywords but may be overridden like them
 RUN_KEYS = ("n_envs", "normalize", "n_timesteps", "policy")
+#: TRPO keywords that may be schedules, written {"linear": [start, end]} in presets and --hyperparams
+SCHEDULE_KEYS = ("learning_rate", "target_kl")
 #: TRPO keywords that --hyperparams does not set, and what to do instead
 FLAG_KEYS = {
     "seed": "use --seed for it",
@@ -150,3 +153,34 @@ def _with_activation_class(policy_kwargs: dict[str, Any]) -> dict[str, Any]:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise CliError(f"policy_kwargs activation_fn={name!r}: not a torch.nn activation (e.g. 'Tanh', 'ReLU').")
     return {**policy_kwargs, "activation_fn": cls}
+
+
+def model_kwargs(hyperparams: dict[str, Any]) -> dict[str, Any]:
+    """The TRPO keywords a preset's (JSON-friendly) hyperparameters stand for.
+
+    ``{"linear": [start, end]}`` for ``learning_rate`` or ``target_kl`` becomes SB3's
+    ``LinearSchedule(start, end, 1.0)`` (from ``start`` at the first update to ``end`` at the last), and
+    ``policy_kwargs`` may name its ``activation_fn`` (``"ReLU"``).
+
+    :param hyperparams: a preset's ``hyperparams``, after overrides
+    :raises CliError: for a schedule written any other way
+    """
+    kwargs = dict(hyperparams)
+    for key in SCHEDULE_KEYS:
+        value = kwargs.get(key)
+        if not isinstance(value, dict):
+            continue
+        ends = value.get("linear")
+        if (
+            set(value) != {"linear"}
+            or not isinstance(ends, (list, tuple))
+            or len(ends) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ends)
+        ):
+            raise CliError(
+                f"{key}={value!r}: a schedule is written {{'linear': [start, end]}}, e.g. {{'linear': [0.05, 0.01]}}."
+            )
+        kwargs[key] = LinearSchedule(float(ends[0]), float(ends[1]), 1.0)
+    if isinstance(kwargs.get("policy_kwargs"), dict):
+        kwargs["policy_kwargs"] = _with_activation_class(kwargs["policy_kwargs"])
+    return kwargs

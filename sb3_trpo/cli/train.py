@@ -18,7 +18,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_nor
 
 import sb3_trpo
 from sb3_trpo.cli import runs
-from sb3_trpo.cli.presets import CliError, apply_overrides, preset_for
+from sb3_trpo.cli.presets import CliError, apply_overrides, model_kwargs, preset_for
 from sb3_trpo.trpo import TRPO
 
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             verbose=args.verbose,
             tensorboard_log=None if args.tensorboard_log is None else str(args.tensorboard_log),
-            **settings.hyperparams,
+            **model_kwargs(settings.hyperparams),
         )
     except (ValueError, TypeError) as error:
         raise CliError(f"bad hyperparameters for {args.env_id}: {error}") from None
