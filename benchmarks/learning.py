@@ -250,6 +250,7 @@ def _summary(out: Path, env_id: str, label: str) -> dict[str, Any] | None:
         finals.append(r["final_return_mean"])
         curve = out / env_id / label / f"seed{r['seed']}" / "evaluations.npz"
         periodic = np.load(curve)["results"].mean(axis=1).tolist() if curve.exists() else []
+        # a seed's best point: its highest periodic evaluation or its final one (Tianshou's "best" reporting)
         bests.append(max([r["final_return_mean"], *periodic]))
     return {
         "seeds": len(runs),
@@ -316,22 +317,19 @@ def report(out: Path) -> None:
             runs = [r for r in results if r["env"] == env_id and r["implementation"] == implementation]
             if not runs:
                 continue
-            finals = np.array([r["final_return_mean"] for r in runs])
-            seconds = np.mean([r["train_seconds"] for r in runs])
-            speed = np.mean([r["steps_per_second"] for r in runs])
+            summary = _summary(out, env_id, implementation)
+            assert summary is not None
+            (final, final_std), (best, best_std) = summary["final"], summary["best"]
+            print(
+                f"| {env_id} | {runs[0]['timesteps']:,} | {implementation} | {len(runs)} | {final:.1f} ± {final_std:.1f} "
+                f"| {best:.1f} ± {best_std:.1f} | {summary['seconds']:.0f} | {summary['steps_per_second']:.0f} |"
+            )
             curves = []
             for r in runs:
                 curve_file = out / env_id / implementation / f"seed{r['seed']}" / "evaluations.npz"
                 if curve_file.exists():  # (a run shorter than one evaluation interval has none)
                     data = np.load(curve_file)
                     curves.append((data["timesteps"], data["results"].mean(axis=1)))
-            # a seed's best point: its highest periodic evaluation or its final one (Tianshou's "best" reporting)
-            bests = np.array([max(r["final_return_mean"], *c[1]) for r, c in zip(runs, curves, strict=False)])
-            best = f"{bests.mean():.1f} ± {bests.std():.1f}" if len(bests) == len(runs) else "n/a"
-            print(
-                f"| {env_id} | {runs[0]['timesteps']:,} | {implementation} | {len(runs)} | "
-                f"{finals.mean():.1f} ± {finals.std():.1f} | {best} | {seconds:.0f} | {speed:.0f} |"
-            )
             if not curves:
                 continue
             length = min(len(c[0]) for c in curves)
