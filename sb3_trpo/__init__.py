@@ -1,8 +1,19 @@
 """Trust Region Policy Optimization for Stable-Baselines3."""
 
+from typing import Any
+
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo.trpo import TRPO
 
 __version__ = "0.1.0"
 
-__all__ = ["TRPO", "CnnPolicy", "MlpPolicy", "MultiInputPolicy", "__version__"]
+__all__ = ["TRPO", "CnnPolicy", "MaskableTRPO", "MlpPolicy", "MultiInputPolicy", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # MaskableTRPO needs sb3-contrib (an optional extra): imported on first use, so `import sb3_trpo` never needs it
+    if name == "MaskableTRPO":
+        from sb3_trpo.maskable import MaskableTRPO
+
+        return MaskableTRPO
+    raise AttributeError(f"module 'sb3_trpo' has no attribute {name!r}")

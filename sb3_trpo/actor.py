@@ -30,17 +30,32 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 from torch.func import functional_call
 
-from sb3_trpo.distributions import DistributionParams, distribution_params
+from sb3_trpo.distributions import DistributionParams, Family, distribution_params
 from sb3_trpo.fisher import MlpFisherProduct, MlpLayer
 from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers
 
 #: the distributions of the written-out Fisher product (exact types; gSDE's std depends on the state)
-_MLP_FISHER_DISTRIBUTIONS = (
+_MLP_FISHER_DISTRIBUTIONS: list[type] = [
     DiagGaussianDistribution,
     CategoricalDistribution,
     MultiCategoricalDistribution,
     BernoulliDistribution,
-)
+]
+#: policy classes whose get_distribution, extract_features and _get_action_dist_from_latent compute what
+#: ActorCriticPolicy's do (sb3-contrib's maskable policy is added by sb3_trpo.maskable, with masking on top)
+_STANDARD_POLICIES: list[type[BasePolicy]] = [ActorCriticPolicy]
+_STANDARD_METHODS = ("get_distribution", "extract_features", "_get_action_dist_from_latent")
+
+
+def register_standard_mlp_policy(policy_class: type[BasePolicy], distributions: tuple[type, ...]) -> None:
+    """Let :func:`mlp_fisher_product` write out the Fisher product of another policy class whose actor is computed
+    as ``ActorCriticPolicy``'s (and whose ``get_distribution`` may take ``action_masks``).
+
+    :param policy_class: the policy class (its methods, not its subclasses', are the standard ones)
+    :param distributions: its distribution classes (exact types) whose parameters are SB3's logits
+    """
+    _STANDARD_POLICIES.append(policy_class)
+    _MLP_FISHER_DISTRIBUTIONS.extend(distributions)
 
 
 class PolicyEvaluation(NamedTuple):
@@ -63,8 +78,12 @@ class _DistributionOf(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, obs: PyTorchObs, actions: th.Tensor) -> PolicyEvaluation:
-        distribution = self.policy.get_distribution(obs)
+    def forward(self, obs: PyTorchObs, actions: th.Tensor, action_masks: th.Tensor | None = None) -> PolicyEvaluation:
+        # masks exist for maskable policies only (sb3-contrib's get_distribution(obs, action_masks))
+        if action_masks is None:
+            distribution = self.policy.get_distribution(obs)
+        else:
+            distribution = self.policy.get_distribution(obs, action_masks=action_masks)  # type: ignore[call-arg]
         # SB3 reuses one distribution object per policy: read everything out of it before the next call
         return PolicyEvaluation(distribution_params(distribution), distribution.log_prob(actions), distribution.entropy())
 
@@ -139,7 +158,9 @@ class ActorView:
         chunks = th.split(theta, self.numels)
         return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes, strict=True)}
 
-    def evaluate(self, theta: th.Tensor, obs: PyTorchObs, actions: th.Tensor) -> PolicyEvaluation:
+    def evaluate(
+        self, theta: th.Tensor, obs: PyTorchObs, actions: th.Tensor, action_masks: th.Tensor | None = None
+    ) -> PolicyEvaluation:
         """Action distributions of ``obs`` and log-probabilities of ``actions`` if the actor parameters were ``theta``.
 
         The policy's own parameters are not touched.
@@ -147,8 +168,9 @@ class ActorView:
         :param theta: flat actor parameters
         :param obs: observations
         :param actions: actions taken in those states (for the log-probabilities)
+        :param action_masks: the valid actions of each state, for a maskable policy (``None``: no masking)
         """
-        output = functional_call(self._module, self.unflatten(theta), (obs, actions))
+        output = functional_call(self._module, self.unflatten(theta), (obs, actions, action_masks))
         assert isinstance(output, PolicyEvaluation)
         return output
 
@@ -190,7 +212,9 @@ def interrupts_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-def mlp_fisher_product(view: ActorView, obs: PyTorchObs, damping: float) -> MlpFisherProduct | None:
+def mlp_fisher_product(
+    view: ActorView, obs: PyTorchObs, damping: float, action_masks: th.Tensor | None = None
+) -> MlpFisherProduct | None:
     """The written-out Fisher-vector product for SB3's standard MLP actor, or ``None`` if the policy is not one.
 
     Covered: ``ActorCriticPolicy``'s own ``get_distribution`` over a features extractor without trainable actor
@@ -203,10 +227,11 @@ def mlp_fisher_product(view: ActorView, obs: PyTorchObs, damping: float) -> MlpF
     :param view: the actor view (its flat layout is the product's)
     :param obs: the states of the Fisher matrix
     :param damping: Tikhonov damping added to ``F``
+    :param action_masks: the valid actions of each state, for a maskable policy: the metric is then taken at the
+        masked distributions (a masked action has probability 0 and adds nothing to ``M``)
     """
     policy = view.policy
-    methods = ("get_distribution", "extract_features", "_get_action_dist_from_latent")
-    if any(getattr(type(policy), m) is not getattr(ActorCriticPolicy, m) for m in methods):
+    if not any(all(getattr(type(policy), m) is getattr(ref, m) for m in _STANDARD_METHODS) for ref in _STANDARD_POLICIES):
         return None
     if type(policy.mlp_extractor) is not MlpExtractor or type(policy.action_dist) not in _MLP_FISHER_DISTRIBUTIONS:
         return None
@@ -232,7 +257,10 @@ def mlp_fisher_product(view: ActorView, obs: PyTorchObs, damping: float) -> MlpF
             assert activation is not None
             x = activation(linear(x))
             hidden.append(x)
-        params = distribution_params(policy._get_action_dist_from_latent(x)).detach()
+        distribution = policy._get_action_dist_from_latent(x)
+        if action_masks is not None:
+            distribution.apply_masking(action_masks)  # type: ignore[attr-defined]
+        params = distribution_params(distribution).detach()
     fisher_layers = [
         MlpLayer(
             weight=linear.weight.detach(),
@@ -243,7 +271,7 @@ def mlp_fisher_product(view: ActorView, obs: PyTorchObs, damping: float) -> MlpF
         )
         for linear, activation in layers
     ]
-    distribution = policy.action_dist
-    split = list(distribution.action_dims) if isinstance(distribution, MultiCategoricalDistribution) else [-1]
+    # one softmax per categorical sub-space (MultiDiscrete, and sb3-contrib's masked MultiBinary as pairs)
+    split = [t.shape[1] for t in params.tensors] if params.family is Family.CATEGORICAL and len(params.tensors) > 1 else [-1]
     log_std_slice = slices.get(id(log_std)) if log_std is not None else None
     return MlpFisherProduct(features, fisher_layers, hidden, params, log_std_slice, split, view.size, damping)

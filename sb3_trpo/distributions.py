@@ -11,6 +11,7 @@ so their KLs **add up**. Averaging over the dimensions (as ``sb3_contrib.TRPO`` 
 would divide the constraint by the action dimension and loosen the trust region by that factor.
 """
 
+from collections.abc import Callable
 from enum import Enum
 from typing import NamedTuple
 
@@ -66,14 +67,30 @@ SUPPORTED_DISTRIBUTIONS = (
 )
 
 
+#: readers of distribution classes outside SB3 (e.g. sb3-contrib's maskable ones), added by the modules that use them
+_EXTRA_READERS: dict[type[Distribution], Callable[[Distribution], DistributionParams]] = {}
+
+
+def register_distribution(cls: type[Distribution], reader: Callable[[Distribution], DistributionParams]) -> None:
+    """Teach :func:`distribution_params` a distribution class that is not one of SB3's (exact type).
+
+    :param cls: the distribution class
+    :param reader: ``distribution -> DistributionParams`` for instances of ``cls``
+    """
+    _EXTRA_READERS[cls] = reader
+
+
 def distribution_params(distribution: Distribution) -> DistributionParams:
     """Read the defining tensors out of an SB3 distribution (after ``proba_distribution`` was called).
 
     Gradients flow through the returned tensors to whatever produced them.
 
-    :param distribution: an SB3 action distribution
+    :param distribution: an SB3 action distribution (or one registered with :func:`register_distribution`)
     :return: its parameters
     """
+    reader = _EXTRA_READERS.get(type(distribution))
+    if reader is not None:
+        return reader(distribution)
     # Squashed Gaussians and gSDE are Gaussians underneath: tanh is a bijection, so the KL of the squashed
     # distributions equals the KL of the Gaussians before the squashing.
     if isinstance(distribution, (DiagGaussianDistribution, StateDependentNoiseDistribution)):
@@ -86,7 +103,8 @@ def distribution_params(distribution: Distribution) -> DistributionParams:
         return DistributionParams(Family.CATEGORICAL, tuple(d.logits for d in distribution.distribution))
     if isinstance(distribution, BernoulliDistribution):
         return DistributionParams(Family.BERNOULLI, (distribution.distribution.logits,))
-    allowed = ", ".join(cls.__name__ for cls in SUPPORTED_DISTRIBUTIONS)
+    classes: list[type[Distribution]] = [*SUPPORTED_DISTRIBUTIONS, *_EXTRA_READERS]
+    allowed = ", ".join(cls.__name__ for cls in classes)
     raise TypeError(f"TRPO cannot constrain a {type(distribution).__name__}: the policy must produce one of {allowed}.")
 
 

@@ -16,7 +16,14 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, Conve
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.type_aliases import (
+    DictRolloutBufferSamples,
+    GymEnv,
+    MaybeCallback,
+    PyTorchObs,
+    RolloutBufferSamples,
+    Schedule,
+)
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
@@ -74,6 +81,8 @@ class RolloutBatch(NamedTuple):
     :param advantages: GAE advantages, normalized if requested
     :param returns: regression targets of the critic
     :param old_values: the critic's predictions at collection time, for the same states as ``returns``
+    :param action_masks: the valid actions of each state when the rollout was collected with masks
+        (:class:`~sb3_trpo.maskable.MaskableTRPO`), ``None`` otherwise
     """
 
     observations: PyTorchObs
@@ -82,6 +91,7 @@ class RolloutBatch(NamedTuple):
     advantages: th.Tensor
     returns: th.Tensor
     old_values: th.Tensor
+    action_masks: th.Tensor | None = None
 
 
 class PolicyStepResult(NamedTuple):
@@ -329,10 +339,14 @@ class TRPO(OnPolicyAlgorithm):
                 )
             th.cuda.set_device(self.device)
         self._replica = join_process_group(self.distributed, self.device, backend)
-        super()._setup_model()
+        self._setup_policy_and_buffer()
         self._choose_adam_kernel()
         # every rank starts from rank 0's initial parameters
         self._replica.broadcast_tensors(self.policy.state_dict().values())
+
+    def _setup_policy_and_buffer(self) -> None:
+        """SB3's set-up of an on-policy model: schedules, seeding, the rollout buffer and the policy."""
+        super()._setup_model()
 
     def _choose_adam_kernel(self) -> None:
         """Run SB3's default critic optimizer (Adam, ``eps=1e-5``) with torch's fused kernel where this device has it.
@@ -406,15 +420,8 @@ class TRPO(OnPolicyAlgorithm):
         goes on only if every rank's callbacks let it, and VecNormalize's statistics are merged.
         """
         timesteps_before = self.num_timesteps
-        gap = lean_collection_gap(self.policy, rollout_buffer) if self.fast_collection else None
-        if gap is not None and gap != self._collection_gap and self.verbose >= 1:
-            print(f"Collecting rollouts with SB3's loop: the lean loop does not cover {gap}.")
-        self._collection_gap = gap
         try:
-            if self.fast_collection and gap is None:
-                continue_training = lean_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
-            else:
-                continue_training = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+            continue_training = self._collect_rollouts_locally(env, callback, rollout_buffer, n_rollout_steps)
         except ValueError as error:
             last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
             count = sum(count_non_finite(np.asarray(o)) for o in last)
@@ -433,6 +440,18 @@ class TRPO(OnPolicyAlgorithm):
             return False
         self._synchronize_running_stats()
         return True
+
+    def _collect_rollouts_locally(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        """This process's rollout: by the lean loop where it covers the policy and buffer, by SB3's otherwise."""
+        gap = lean_collection_gap(self.policy, rollout_buffer) if self.fast_collection else None
+        if gap is not None and gap != self._collection_gap and self.verbose >= 1:
+            print(f"Collecting rollouts with SB3's loop: the lean loop does not cover {gap}.")
+        self._collection_gap = gap
+        if self.fast_collection and gap is None:
+            return lean_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
+        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def _synchronize_running_stats(self) -> None:
         """Merge every rank's VecNormalize updates of the last rollout, so all ranks normalize alike."""
@@ -521,7 +540,13 @@ class TRPO(OnPolicyAlgorithm):
             # statistics of the global batch: per-rank normalization would weigh the ranks' advantages differently
             mean, std = self._replica.mean_and_std(advantages)
             advantages = (advantages - mean) / (std + 1e-8)
-        return RolloutBatch(data.observations, actions, data.old_log_prob, advantages, data.returns, data.old_values)
+        return RolloutBatch(
+            data.observations, actions, data.old_log_prob, advantages, data.returns, data.old_values, self._batch_masks(data)
+        )
+
+    def _batch_masks(self, data: RolloutBufferSamples | DictRolloutBufferSamples) -> th.Tensor | None:
+        """The action masks the rollout was collected with (none: TRPO does not mask; see ``MaskableTRPO``)."""
+        return None
 
     def train(self) -> None:
         """Update the policy with one trust-region step, then fit the critic, on the current rollout buffer."""
@@ -589,7 +614,7 @@ class TRPO(OnPolicyAlgorithm):
 
         :param target_kl: the trust-region radius of this update (0: no step)
         """
-        obs, actions = batch.observations, batch.actions
+        obs, actions, masks = batch.observations, batch.actions, batch.action_masks
         theta_old = actor.flat()
 
         def surrogate(log_prob: th.Tensor) -> th.Tensor:
@@ -600,11 +625,12 @@ class TRPO(OnPolicyAlgorithm):
         # pp. 40-42); for SB3's MLP actor its products are written out, otherwise they run on autograd's graph
         fisher_idx = slice(None, None, self.sub_sampling_factor)
         fisher_obs = obs if self.sub_sampling_factor == 1 else index_obs(obs, fisher_idx)
-        mlp_fisher = mlp_fisher_product(actor, fisher_obs, self.cg_damping)
+        fisher_masks = None if masks is None else masks[fisher_idx]
+        mlp_fisher = mlp_fisher_product(actor, fisher_obs, self.cg_damping, fisher_masks)
 
         # 1. gradient of the surrogate w.r.t. the actor parameters; the forward pass is kept for the Fisher
         theta = theta_old.clone().requires_grad_(True)
-        current = actor.evaluate(theta, obs, actions)
+        current = actor.evaluate(theta, obs, actions, masks)
         objective = surrogate(current.log_prob)
         (gradient,) = th.autograd.grad(objective, theta, retain_graph=mlp_fisher is None)
         # data parallel: the global surrogate and its gradient are the means over ranks (one all-reduce)
@@ -625,7 +651,7 @@ class TRPO(OnPolicyAlgorithm):
             local_fisher = JacobianFisherProduct(theta, current.params, damping=self.cg_damping)
         else:  # a forward pass on the sub-sampled states
             fisher_theta = theta_old.clone().requires_grad_(True)
-            fisher_params = actor.evaluate(fisher_theta, fisher_obs, actions[fisher_idx]).params
+            fisher_params = actor.evaluate(fisher_theta, fisher_obs, actions[fisher_idx], fisher_masks).params
             local_fisher = JacobianFisherProduct(fisher_theta, fisher_params, damping=self.cg_damping)
         # data parallel: the Fisher matrix of the global batch is the mean of the ranks' (equal batch sizes)
         fisher_product = self._replica.averaged(local_fisher)
@@ -653,7 +679,7 @@ class TRPO(OnPolicyAlgorithm):
 
         def trial(coefficient: float) -> Trial:
             with th.no_grad():
-                candidates.append(actor.evaluate(theta_old + coefficient * cg.x, obs, actions))
+                candidates.append(actor.evaluate(theta_old + coefficient * cg.x, obs, actions, masks))
                 objective, kl = self._replica.mean_of_floats(
                     [
                         surrogate(candidates[-1].log_prob).item(),

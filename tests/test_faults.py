@@ -72,8 +72,8 @@ def test_non_finite_gradient_skips_the_policy_step(monkeypatch):
     model = trained()
     original = ActorView.evaluate
 
-    def nan_gradient(self, theta, obs, actions):
-        result = original(self, theta, obs, actions)
+    def nan_gradient(self, theta, obs, actions, action_masks=None):
+        result = original(self, theta, obs, actions, action_masks)
         if theta.requires_grad:  # the gradient's forward pass: poison the log-probabilities
             return result._replace(log_prob=result.log_prob + theta.sum() * float("nan"))
         return result
@@ -233,8 +233,8 @@ def test_nan_candidates_are_rejected_not_committed(monkeypatch):
     model = trained()
     original = ActorView.evaluate
 
-    def nan_candidates(self, theta, obs, actions):
-        result = original(self, theta, obs, actions)
+    def nan_candidates(self, theta, obs, actions, action_masks=None):
+        result = original(self, theta, obs, actions, action_masks)
         if not theta.requires_grad:  # line-search candidates
             return result._replace(log_prob=result.log_prob * float("nan"))
         return result

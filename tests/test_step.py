@@ -192,9 +192,9 @@ class _TenfoldDamping(sb3_trpo.trpo.JacobianFisherProduct):
         super().__init__(*args, damping=10 * damping, **kwargs)
 
 
-def _tenfold_damping_mlp(actor: Any, obs: Any, damping: float) -> Any:
+def _tenfold_damping_mlp(actor: Any, obs: Any, damping: float, action_masks: Any = None) -> Any:
     """The written-out MLP Fisher product, broken the same way."""
-    return sb3_trpo.actor.mlp_fisher_product(actor, obs, 10 * damping)
+    return sb3_trpo.actor.mlp_fisher_product(actor, obs, 10 * damping, action_masks)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,220 @@
+"""``MaskableTRPO``: the trust-region update of :class:`~sb3_trpo.TRPO` with invalid-action masking.
+
+It follows ``sb3_contrib.MaskablePPO``'s conventions and reuses its pieces: the maskable policies (whose
+distributions give masked actions a logit of -1e8, i.e. probability exactly 0 in float32, never ``-inf``), the
+rollout buffers that store each step's mask, and the mask utilities. sb3-contrib is an optional dependency,
+imported by this module only (``pip install "sb3-trpo[masking]"``).
+
+The masks stored with the rollout define the distributions of the whole update: the surrogate's ratios, the KL
+of the trust region, the Fisher matrix (``M = diag(p) - p pᵀ`` has zero rows and columns at masked actions) and
+the line search all see the masked distributions that collected the data, so an accepted step has mean KL over
+the valid actions at most ``target_kl``.
+"""
+
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import DictRolloutBufferSamples, GymEnv, MaybeCallback, RolloutBufferSamples
+from stable_baselines3.common.vec_env import VecEnv
+
+try:
+    from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, MaskableRolloutBuffer
+    from sb3_contrib.common.maskable.distributions import (
+        MaskableBernoulliDistribution,
+        MaskableCategoricalDistribution,
+        MaskableMultiCategoricalDistribution,
+    )
+    from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+    from sb3_contrib.common.maskable.utils import is_masking_supported
+    from sb3_contrib.ppo_mask import MaskablePPO
+    from sb3_contrib.ppo_mask.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+except ImportError as error:  # pragma: no cover - exercised in a subprocess without sb3-contrib
+    raise ImportError(
+        "MaskableTRPO reuses sb3-contrib's maskable policies and buffers, and sb3-contrib is not installed: "
+        'install it with `pip install "sb3-trpo[masking]"` (or `pip install sb3-contrib`).'
+    ) from error
+
+from sb3_trpo.actor import register_standard_mlp_policy
+from sb3_trpo.distributions import DistributionParams, Family, register_distribution
+from sb3_trpo.trpo import TRPO
+
+SelfMaskableTRPO = TypeVar("SelfMaskableTRPO", bound="MaskableTRPO")
+
+__all__ = ["MaskableTRPO"]
+
+#: the action spaces sb3-contrib can mask
+MASKABLE_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+def _masked_categorical_params(distribution: Distribution) -> DistributionParams:
+    # the masked (and renormalized) logits: masked actions sit at about -1e8, so exp() gives exactly 0
+    if isinstance(distribution, MaskableCategoricalDistribution):
+        return DistributionParams(Family.CATEGORICAL, (distribution.distribution.logits,))
+    assert isinstance(distribution, MaskableMultiCategoricalDistribution)
+    # MultiBinary is sb3-contrib's MultiCategorical with two outcomes per dimension: a categorical per pair
+    return DistributionParams(Family.CATEGORICAL, tuple(d.logits for d in distribution.distributions))
+
+
+for _cls in (MaskableCategoricalDistribution, MaskableMultiCategoricalDistribution, MaskableBernoulliDistribution):
+    register_distribution(_cls, _masked_categorical_params)
+# the maskable policy computes its actor as ActorCriticPolicy does, then masks: the written-out Fisher product applies
+register_standard_mlp_policy(
+    MaskableActorCriticPolicy,
+    (MaskableCategoricalDistribution, MaskableMultiCategoricalDistribution, MaskableBernoulliDistribution),
+)
+
+
+class MaskableTRPO(TRPO):
+    """
+    Trust Region Policy Optimization with invalid-action masking.
+
+    The same algorithm, keywords, guarantees and logged values as :class:`~sb3_trpo.TRPO`, with
+    ``sb3_contrib.MaskablePPO``'s interface for masks: the environment exposes ``action_masks()`` (directly or
+    through ``sb3_contrib.common.wrappers.ActionMasker``), ``learn(..., use_masking=True)`` collects with them and
+    ``predict(obs, action_masks=...)`` acts with them. The policies are sb3-contrib's maskable ones
+    (``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a ``MaskableActorCriticPolicy`` subclass), for
+    Discrete, MultiDiscrete and MultiBinary actions.
+
+    Each step's mask is stored in the rollout buffer, and the update uses the masked distributions throughout:
+    a masked action has probability 0 under the old and the new policy, so it adds nothing to the surrogate, the
+    KL or the Fisher matrix, and the trust region bounds the mean KL over the valid actions.
+
+    Rollouts are collected with sb3-contrib's masked loop (``MaskablePPO.collect_rollouts``); ``fast_collection``
+    has no effect here.
+
+    :param policy: The policy model to use (``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"``, or a
+        ``MaskableActorCriticPolicy`` subclass)
+    :param env: The environment to learn from (if registered in Gym, can be str); it must expose ``action_masks()``
+        to train with masks
+    :param kwargs: the other arguments of :class:`~sb3_trpo.TRPO` (as keywords), with the same meaning and checks
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: MaskableActorCriticPolicy  # type: ignore[assignment]
+
+    def __init__(self, policy: str | type[MaskableActorCriticPolicy], env: GymEnv | str, **kwargs: Any):
+        if not (isinstance(policy, str) or (isinstance(policy, type) and issubclass(policy, MaskableActorCriticPolicy))):
+            raise ValueError(
+                f"MaskableTRPO needs a maskable policy, got {policy!r}: use 'MlpPolicy', 'CnnPolicy', 'MultiInputPolicy' "
+                "or a subclass of sb3_contrib.common.maskable.policies.MaskableActorCriticPolicy."
+            )
+        # whether the rollout in the buffer was collected with masks (set by learn(use_masking=...))
+        self._use_masking = True
+        init_setup_model = kwargs.pop("_init_setup_model", True)
+        super().__init__(policy, env, _init_setup_model=False, **kwargs)  # type: ignore[arg-type]
+        if not isinstance(self.action_space, MASKABLE_ACTION_SPACES):
+            raise ValueError(
+                f"MaskableTRPO does not support the action space {self.action_space}: masks exist for Discrete, "
+                "MultiDiscrete and MultiBinary actions (use TRPO for Box actions)."
+            )
+        if init_setup_model:  # as TRPO does when it sets up the model itself
+            if self.env is not None:
+                self._check_rollout_size()
+            self._setup_model()
+
+    def _setup_policy_and_buffer(self) -> None:
+        """SB3's on-policy set-up with the maskable buffer and policy (which, unlike SB3's, takes no ``use_sde``)."""
+        if self.rollout_buffer_class is None:
+            # the maskable buffers store each step's mask next to its action
+            dict_obs = isinstance(self.observation_space, spaces.Dict)
+            self.rollout_buffer_class = MaskableDictRolloutBuffer if dict_obs else MaskableRolloutBuffer
+        elif not issubclass(self.rollout_buffer_class, (MaskableRolloutBuffer, MaskableDictRolloutBuffer)):
+            raise ValueError(
+                f"rollout_buffer_class={self.rollout_buffer_class.__name__} cannot store action masks: MaskableTRPO "
+                "needs sb3-contrib's MaskableRolloutBuffer or MaskableDictRolloutBuffer (or a subclass), or None."
+            )
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.rollout_buffer = self.rollout_buffer_class(
+            self.n_steps,
+            self.observation_space,  # type: ignore[arg-type]  # a Dict space for the Dict buffer
+            self.action_space,
+            device=self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+            **self.rollout_buffer_kwargs,
+        )
+        policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs)
+        assert isinstance(policy, MaskableActorCriticPolicy)
+        self.policy = policy.to(self.device)
+
+    def _collect_rollouts_locally(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        """sb3-contrib's masked collection: each step's masks from ``env.action_masks()``, stored in the buffer."""
+        return MaskablePPO.collect_rollouts(
+            self,  # type: ignore[arg-type]  # it uses OnPolicyAlgorithm's attributes only
+            env,
+            callback,
+            rollout_buffer,
+            n_rollout_steps,
+            use_masking=self._use_masking,
+        )
+
+    def _batch_masks(self, data: RolloutBufferSamples | DictRolloutBufferSamples) -> th.Tensor | None:
+        """The masks stored with the rollout, as booleans (``None`` if it was collected without masks)."""
+        if not self._use_masking:
+            return None
+        return data.action_masks.bool()  # type: ignore[union-attr]  # the maskable buffers' samples
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """The policy's action for ``observation``, chosen among the valid actions of ``action_masks``.
+
+        :param observation: the observation (or a batch of them)
+        :param state: unused (no recurrent policy), returned as given
+        :param episode_start: unused
+        :param deterministic: the most likely valid action instead of a sample
+        :param action_masks: which actions are valid (``True``), shaped like the flattened action logits of each
+            observation; ``None`` acts without masks
+        :return: the action(s) and ``state``
+        """
+        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)
+
+    def learn(  # type: ignore[override]
+        self: SelfMaskableTRPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "MaskableTRPO",
+        reset_num_timesteps: bool = True,
+        use_masking: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfMaskableTRPO:
+        """Train as :meth:`TRPO.learn <sb3_trpo.TRPO.learn>` does, with the environment's action masks.
+
+        :param use_masking: collect (and update) with the masks of ``env.action_masks()``; ``False`` ignores them
+        """
+        if not isinstance(use_masking, (bool, np.bool_)):
+            raise ValueError(f"use_masking={use_masking!r}: allowed values are True or False.")
+        if use_masking and self.env is not None and not is_masking_supported(self.env):
+            raise ValueError(
+                "use_masking=True, but the environment has no action_masks() method: give the environment one, wrap "
+                "it in sb3_contrib.common.wrappers.ActionMasker(env, mask_fn), or call learn(use_masking=False)."
+            )
+        self._use_masking = bool(use_masking)
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
