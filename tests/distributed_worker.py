@@ -93,9 +93,23 @@ def update(out: Path) -> None:
     th.save({"final": flat_parameters(model), "logged": dict(model.logger.name_to_value)}, out / f"rank{rank}.pt")
 
 
+def maskable(out: Path) -> None:
+    """MaskableTRPO in data-parallel training: the ranks' masked rollouts make one update."""
+    from sb3_contrib.common.envs import InvalidActionEnvDiscrete
+
+    from sb3_trpo import MaskableTRPO
+
+    env = make_vec_env(lambda: InvalidActionEnvDiscrete(dim=10, n_invalid_actions=7), n_envs=2)
+    model = MaskableTRPO("MlpPolicy", env, n_steps=128, batch_size=128, seed=0, distributed=True)
+    initial = flat_parameters(model)
+    model.learn(2 * 2 * 128 * 3)
+    result = {"initial": initial, "final": flat_parameters(model), "num_timesteps": model.num_timesteps}
+    th.save(result, out / f"rank{dist.get_rank()}.pt")
+
+
 if __name__ == "__main__":
     th.set_num_threads(1)
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"train": train, "update": update}[mode](out_dir)
+    {"train": train, "update": update, "maskable": maskable}[mode](out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()

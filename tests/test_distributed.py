@@ -118,6 +118,15 @@ def test_two_ranks_with_half_the_data_take_the_single_process_update(tmp_path):
     th.testing.assert_close(rank0["final"], single, rtol=1e-4, atol=1e-5)
 
 
+def test_maskable_trpo_trains_data_parallel_with_identical_parameters(tmp_path):
+    pytest.importorskip("sb3_contrib")
+    launch("maskable", tmp_path)
+    ranks = load_ranks(tmp_path)
+    assert th.equal(ranks[0]["final"], ranks[1]["final"])
+    assert not th.equal(ranks[0]["initial"], ranks[0]["final"])
+    assert ranks[0]["num_timesteps"] == ranks[1]["num_timesteps"] == 2 * 2 * 128 * 3
+
+
 @pytest.fixture
 def no_launcher(monkeypatch):
     for name in LAUNCHER_VARIABLES:

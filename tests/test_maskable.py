@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+import gymnasium
 import numpy as np
 import pytest
 import torch as th
@@ -397,3 +398,34 @@ except ImportError as error:
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert 'pip install "sb3-trpo[masking]"' in result.stdout
+
+
+class MaskedEnvTurningNan(gymnasium.Env):
+    """Box observations that become NaN after a few steps, Discrete actions with a mask."""
+
+    observation_space = spaces.Box(-1.0, 1.0, (3,))
+    action_space = spaces.Discrete(4)
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(3, dtype=np.float32), {}
+
+    def step(self, action):
+        self.steps += 1
+        obs = np.full(3, np.nan if self.steps > 40 else 0.5, dtype=np.float32)
+        return obs, 1.0, False, False, {}
+
+    def action_masks(self) -> list[bool]:
+        return [True, True, False, True]
+
+
+def test_non_finite_observations_stop_training_with_the_model_unchanged():
+    model = MaskableTRPO("MlpPolicy", MaskedEnvTurningNan(), n_steps=32, batch_size=32, seed=0)
+    model.learn(32)
+    before = th.cat([p.detach().flatten().clone() for p in model.policy.parameters()])
+    with pytest.raises(ValueError, match="non-finite observations"):
+        model.learn(64, reset_num_timesteps=False)
+    assert th.equal(th.cat([p.detach().flatten() for p in model.policy.parameters()]), before)
