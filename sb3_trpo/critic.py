@@ -67,7 +67,7 @@ def value_inputs(
     :param actor_ids: ``id`` of every actor parameter
     :return: the inputs, and ``minibatch of inputs -> flat value predictions``
     """
-    if critic_features_frozen(policy, actor_ids) and type(policy).predict_values is ActorCriticPolicy.predict_values:
+    if critic_features_frozen(policy, actor_ids) and _standard_values(policy):
         with th.no_grad():
             # the same computation as ActorCriticPolicy.predict_values, split at the frozen features
             features = BasePolicy.extract_features(policy, obs, policy.vf_features_extractor)
@@ -172,6 +172,23 @@ def set_adam_kernel(optimizer: th.optim.Optimizer, fused: bool) -> None:
     optimizer.load_state_dict(state)
 
 
+#: ``predict_values`` implementations that compute ``value_net(mlp_extractor.forward_critic(features))`` as
+#: ActorCriticPolicy's does (sb3_trpo.maskable adds sb3-contrib's maskable policy's)
+_STANDARD_PREDICT_VALUES: list[Callable[..., th.Tensor]] = [ActorCriticPolicy.predict_values]
+
+
+def register_standard_predict_values(predict_values: Callable[..., th.Tensor]) -> None:
+    """Let the critic step's fast paths cover another policy class whose ``predict_values`` is the standard one.
+
+    :param predict_values: the class's ``predict_values`` function
+    """
+    _STANDARD_PREDICT_VALUES.append(predict_values)
+
+
+def _standard_values(policy: BasePolicy) -> bool:
+    return any(type(policy).predict_values is f for f in _STANDARD_PREDICT_VALUES)  # type: ignore[attr-defined]
+
+
 def critic_features_frozen(policy: ActorCriticPolicy, actor_ids: set[int]) -> bool:
     """:return: whether the critic's feature extractor stays put in the critic step (it belongs to the actor, or
     has no trainable parameters), so its features can be computed once per update"""
@@ -212,7 +229,7 @@ class MlpCriticRegression:
         :param params: the parameters the critic step moves (from :func:`critic_parameters`)
         :param actor_ids: ``id`` of every actor parameter
         """
-        if type(policy).predict_values is not ActorCriticPolicy.predict_values:
+        if not _standard_values(policy):
             return None
         if not critic_features_frozen(policy, actor_ids) or type(policy.mlp_extractor) is not MlpExtractor:
             return None

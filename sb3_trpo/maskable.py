@@ -41,6 +41,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
     ) from error
 
 from sb3_trpo.actor import register_standard_mlp_policy
+from sb3_trpo.critic import register_standard_predict_values
 from sb3_trpo.distributions import DistributionParams, Family, register_distribution
 from sb3_trpo.trpo import TRPO
 
@@ -68,6 +69,8 @@ register_standard_mlp_policy(
     MaskableActorCriticPolicy,
     (MaskableCategoricalDistribution, MaskableMultiCategoricalDistribution, MaskableBernoulliDistribution),
 )
+# and its critic as ActorCriticPolicy's: the critic step's fast paths apply too
+register_standard_predict_values(MaskableActorCriticPolicy.predict_values)
 
 
 class MaskableTRPO(TRPO):

@@ -429,3 +429,31 @@ def test_non_finite_observations_stop_training_with_the_model_unchanged():
     with pytest.raises(ValueError, match="non-finite observations"):
         model.learn(64, reset_num_timesteps=False)
     assert th.equal(th.cat([p.detach().flatten() for p in model.policy.parameters()]), before)
+
+
+def test_the_fast_update_paths_cover_the_maskable_policy_and_agree_with_the_general_ones(monkeypatch):
+    import sb3_trpo.trpo
+
+    env = make_vec_env(ENVS["multidiscrete"], n_envs=2, seed=0)
+    model = MaskableTRPO("MlpPolicy", env, n_steps=128, batch_size=64, seed=0)
+    model.learn(256)
+    start = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    optimizer_start = __import__("copy").deepcopy(model.policy.optimizer.state_dict())
+    rng_states = np.random.get_state(), th.get_rng_state()  # the buffer's shuffle and the critic's minibatches
+    used = []
+    fisher, regression = sb3_trpo.trpo.mlp_fisher_product, sb3_trpo.trpo.MlpCriticRegression.for_policy
+    monkeypatch.setattr(sb3_trpo.trpo, "mlp_fisher_product", lambda *a: used.append(fisher(*a)) or used[-1])
+    monkeypatch.setattr(sb3_trpo.trpo.MlpCriticRegression, "for_policy", lambda *a: used.append(regression(*a)) or used[-1])
+    model.train()
+    assert len(used) == 2
+    assert all(path is not None for path in used), "the written-out Fisher product and critic step apply"
+    fast = th.cat([p.detach().flatten().clone() for p in model.policy.parameters()])
+    model.policy.load_state_dict(start)
+    model.policy.optimizer.load_state_dict(optimizer_start)
+    np.random.set_state(rng_states[0])
+    th.set_rng_state(rng_states[1])
+    monkeypatch.setattr(sb3_trpo.trpo, "mlp_fisher_product", lambda *a: None)
+    monkeypatch.setattr(sb3_trpo.trpo.MlpCriticRegression, "for_policy", lambda *a: None)
+    model.train()
+    general = th.cat([p.detach().flatten() for p in model.policy.parameters()])
+    th.testing.assert_close(fast, general, rtol=1e-4, atol=1e-5)
