@@ -6,6 +6,8 @@ object; :mod:`sb3_trpo.lean_forward` runs its ops directly) and on copying buffe
 what is collected.
 """
 
+from collections.abc import Callable
+
 import numpy as np
 import torch as th
 from gymnasium import spaces
@@ -77,10 +79,15 @@ def _store(
     episode_starts: np.ndarray,
     values: th.Tensor,
     log_probs: th.Tensor,
+    action_masks: np.ndarray | None = None,
 ) -> None:
     """What ``RolloutBuffer.add`` / ``DictRolloutBuffer.add`` store, written once into their arrays (they copy each
-    field into a new array first). The reshapes are theirs: Discrete observations and every action space."""
+    field into a new array first). The reshapes are theirs: Discrete observations and every action space. With
+    ``action_masks``, also what sb3-contrib's maskable buffers store of them (their ``add`` writes them first)."""
     pos = buffer.pos
+    if action_masks is not None:
+        masks: np.ndarray = buffer.action_masks  # type: ignore[attr-defined]  # sb3-contrib's maskable buffers
+        masks[pos] = action_masks.reshape(masks.shape[1:])
     if isinstance(buffer.observations, dict):
         assert isinstance(obs, dict)
         for key, array in buffer.observations.items():
@@ -104,9 +111,15 @@ def lean_collect_rollouts(
     callback: BaseCallback,
     rollout_buffer: RolloutBuffer,
     n_rollout_steps: int,
+    maskable: bool = False,
+    action_masks_of: Callable[[VecEnv], np.ndarray] | None = None,
 ) -> bool:
     """SB3's ``OnPolicyAlgorithm.collect_rollouts`` with the policy's forward done by :class:`LeanForward` and the
     buffer written directly: the same data, random numbers, callbacks and bookkeeping, step for step.
+
+    With ``maskable`` it is sb3-contrib's ``MaskablePPO.collect_rollouts`` instead: masks read from the env before
+    each step (with ``action_masks_of``), applied to the distribution and stored in the maskable buffer; its
+    callback locals; no locals update at the rollout's end.
 
     The caller checks :func:`lean_collection_gap` first.
 
@@ -115,11 +128,14 @@ def lean_collect_rollouts(
     :param callback: called at the rollout's start, at every step (with SB3's local names), and at its end
     :param rollout_buffer: the buffer to fill (its GAE is computed by SB3 at the end)
     :param n_rollout_steps: steps to collect per environment
+    :param maskable: follow ``MaskablePPO.collect_rollouts`` (a maskable policy and buffer)
+    :param action_masks_of: ``env -> masks of every environment`` (sb3-contrib's ``get_action_masks``) to collect
+        with invalid-action masks; ``None`` collects without (``use_masking=False``)
     :return: ``False`` if a callback stopped the rollout early, as SB3's returns
     """
     assert model._last_obs is not None, "No previous observation was provided"
-    policy = model.policy
-    assert isinstance(policy, ActorCriticPolicy)
+    # an ActorCriticPolicy, or sb3-contrib's maskable policy (a BasePolicy with the same modules)
+    policy: ActorCriticPolicy = model.policy
     policy.set_training_mode(False)
     forward = LeanForward(policy)
     box_actions = isinstance(model.action_space, spaces.Box)
@@ -137,7 +153,8 @@ def lean_collect_rollouts(
             policy.reset_noise(env.num_envs)
         with th.no_grad():
             obs_tensor = obs_as_tensor(model._last_obs, model.device)  # type: ignore[arg-type]
-            actions, values, log_probs = forward(obs_tensor)
+            action_masks = None if action_masks_of is None else action_masks_of(env)
+            actions, values, log_probs = forward(obs_tensor, action_masks)
         if np.isnan(log_probs.cpu().numpy()).any():
             # SB3's torch.distributions refuse NaN parameters (validation); NaN log-probabilities are their trace here
             raise ValueError(
@@ -152,25 +169,27 @@ def lean_collect_rollouts(
         model.num_timesteps += env.num_envs
 
         # SB3 hands its locals() to the callbacks: these are the names and types callbacks read
-        callback.update_locals(
-            {
-                "self": model,
-                "env": env,
-                "callback": callback,
-                "rollout_buffer": rollout_buffer,
-                "n_rollout_steps": n_rollout_steps,
-                "n_steps": n_steps,
-                "obs_tensor": obs_tensor,
-                "actions": actions,
-                "values": values,
-                "log_probs": log_probs,
-                "clipped_actions": clipped_actions,
-                "new_obs": new_obs,
-                "rewards": rewards,
-                "dones": dones,
-                "infos": infos,
-            }
-        )
+        step_locals = {
+            "self": model,
+            "env": env,
+            "callback": callback,
+            "rollout_buffer": rollout_buffer,
+            "n_rollout_steps": n_rollout_steps,
+            "n_steps": n_steps,
+            "obs_tensor": obs_tensor,
+            "actions": actions,
+            "values": values,
+            "log_probs": log_probs,
+            "new_obs": new_obs,
+            "rewards": rewards,
+            "dones": dones,
+            "infos": infos,
+        }
+        if not maskable:
+            step_locals["clipped_actions"] = clipped_actions
+        else:  # MaskablePPO's names: no clipping (no Box actions), the masks and the flag
+            step_locals.update(action_masks=action_masks, use_masking=action_masks_of is not None)
+        callback.update_locals(step_locals)
         if not callback.on_step():
             return False
 
@@ -187,13 +206,14 @@ def lean_collect_rollouts(
                     terminal_value = policy.predict_values(terminal_obs)[0]
                 rewards[idx] += model.gamma * terminal_value
 
-        _store(rollout_buffer, model._last_obs, actions, rewards, model._last_episode_starts, values, log_probs)  # type: ignore[arg-type]
+        _store(rollout_buffer, model._last_obs, actions, rewards, model._last_episode_starts, values, log_probs, action_masks)  # type: ignore[arg-type]
         model._last_obs = new_obs  # type: ignore[assignment]
         model._last_episode_starts = dones
 
     with th.no_grad():
         values = policy.predict_values(obs_as_tensor(new_obs, model.device))  # type: ignore[arg-type]
     rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
-    callback.update_locals({"values": values, "dones": dones, "new_obs": new_obs, "n_steps": n_steps})
+    if not maskable:  # SB3 updates the locals once more; MaskablePPO's loop does not
+        callback.update_locals({"values": values, "dones": dones, "new_obs": new_obs, "n_steps": n_steps})
     callback.on_rollout_end()
     return True

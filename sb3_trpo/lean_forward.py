@@ -16,6 +16,7 @@ from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
     DiagGaussianDistribution,
+    Distribution,
     MultiCategoricalDistribution,
     StateDependentNoiseDistribution,
 )
@@ -39,6 +40,28 @@ _REPEATED_METHODS = ("forward", "extract_features", "_get_action_dist_from_laten
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # the constant as torch's Normal.log_prob computes it
 
 Layer = Callable[[th.Tensor], th.Tensor]
+#: the logit sb3-contrib's MaskableCategorical gives masked actions (not -inf: their probability is exactly 0)
+_MASKED_LOGIT = -1e8
+#: masked distribution classes (sb3-contrib's, registered by sb3_trpo.maskable) -> the SB3 class they mask
+_MASKED_DISTRIBUTIONS: dict[type[Distribution], type[Distribution]] = {}
+
+
+def register_masked_distribution(masked: type[Distribution], unmasked: type[Distribution]) -> None:
+    """Let the lean forward sample a masked distribution: ``unmasked``'s computation with sb3-contrib's masking.
+
+    :param masked: the masked distribution class (exact type)
+    :param unmasked: ``CategoricalDistribution`` or ``MultiCategoricalDistribution``, whose sampler it uses
+    """
+    _MASKED_DISTRIBUTIONS[masked] = unmasked
+
+
+def _masked_logits(logits: th.Tensor, masks: th.Tensor | None) -> th.Tensor:
+    """What ``MaskableCategorical(logits=...).apply_masking(masks)`` holds: the normalized logits, with the masked
+    ones replaced by -1e8 (torch's Categorical normalizes them again, as it does with ``masks=None`` too)."""
+    normalized = logits - logits.logsumexp(dim=-1, keepdim=True)
+    if masks is None:
+        return normalized
+    return th.where(masks, normalized, th.tensor(_MASKED_LOGIT, dtype=logits.dtype, device=logits.device))
 
 
 @functools.cache
@@ -96,7 +119,12 @@ def _mlp(sequential: nn.Sequential) -> Layer:
     return run
 
 
-def lean_collection_gap(policy: BasePolicy, rollout_buffer: RolloutBuffer) -> str | None:
+def lean_collection_gap(
+    policy: BasePolicy,
+    rollout_buffer: RolloutBuffer,
+    reference: type[BasePolicy] = ActorCriticPolicy,
+    buffer_classes: tuple[type[RolloutBuffer], ...] = (RolloutBuffer, DictRolloutBuffer),
+) -> str | None:
     """Why the lean collection cannot stand in for SB3's with this policy and buffer, or ``None`` if it can.
 
     It repeats the computation of ``ActorCriticPolicy.forward`` with its standard parts: SB3's ``MlpExtractor``
@@ -106,11 +134,14 @@ def lean_collection_gap(policy: BasePolicy, rollout_buffer: RolloutBuffer) -> st
 
     :param policy: the model's policy
     :param rollout_buffer: the buffer to fill
+    :param reference: the policy class whose ``forward`` is repeated (sb3-contrib's maskable policy computes the
+        same, then masks)
+    :param buffer_classes: the buffer classes whose ``add`` is repeated (exact types)
     """
-    if not isinstance(policy, ActorCriticPolicy):
-        return f"the policy class {type(policy).__name__} is not an ActorCriticPolicy"
+    if not isinstance(policy, reference):
+        return f"the policy class {type(policy).__name__} is not a {reference.__name__}"
     for method in _REPEATED_METHODS:
-        if getattr(type(policy), method) is not getattr(ActorCriticPolicy, method):
+        if getattr(type(policy), method) is not getattr(reference, method):
             return f"the policy class {type(policy).__name__} overrides {method}"
     if type(policy.mlp_extractor) is not MlpExtractor:
         return f"the policy's mlp_extractor is a {type(policy.mlp_extractor).__name__}, not SB3's MlpExtractor"
@@ -119,12 +150,15 @@ def lean_collection_gap(policy: BasePolicy, rollout_buffer: RolloutBuffer) -> st
         return "the policy's MlpExtractor networks are not flat nn.Sequential stacks"
     if type(policy.action_net) is not nn.Linear or type(policy.value_net) is not nn.Linear:
         return "the policy's action_net or value_net is not an nn.Linear"
-    if type(policy.action_dist) not in _COVERED_DISTRIBUTIONS:
-        return f"the action distribution {type(policy.action_dist).__name__} is not one of SB3's five"
+    # masked distributions with a maskable reference policy only (SB3's policy never masks)
+    covered = _COVERED_DISTRIBUTIONS if reference is ActorCriticPolicy else (*_COVERED_DISTRIBUTIONS, *_MASKED_DISTRIBUTIONS)
+    if type(policy.action_dist) not in covered:
+        return f"the action distribution {type(policy.action_dist).__name__} is not one it covers"
     if isinstance(policy.action_dist, StateDependentNoiseDistribution) and policy.action_dist.bijector is not None:
         return "gSDE with squashed actions (squash_output=True)"
-    if type(rollout_buffer) not in (RolloutBuffer, DictRolloutBuffer):
-        return f"the rollout buffer class {type(rollout_buffer).__name__} is not SB3's RolloutBuffer or DictRolloutBuffer"
+    if type(rollout_buffer) not in buffer_classes:
+        names = " or ".join(cls.__name__ for cls in buffer_classes)
+        return f"the rollout buffer class {type(rollout_buffer).__name__} is not {names}"
     global_hooks = (
         nn.modules.module._global_forward_hooks,
         nn.modules.module._global_forward_pre_hooks,
@@ -147,6 +181,10 @@ class LeanForward:
 
     def __init__(self, policy: ActorCriticPolicy) -> None:
         self.policy = policy
+        # set per call: the masks of the current step, for a masked distribution (see register_masked_distribution)
+        self._masks: th.Tensor | None = None
+        # sb3-contrib's masked distributions normalize the logits once more than SB3's, with or without masks
+        self._masked_distribution = type(policy.action_dist) in _MASKED_DISTRIBUTIONS
         extractor = policy.mlp_extractor
         self._actor_mlp, self._critic_mlp = _mlp(extractor.policy_net), _mlp(extractor.value_net)
         self._value_head, self._action_head = _layer(policy.value_net), _layer(policy.action_net)
@@ -164,13 +202,14 @@ class LeanForward:
             and type(policy.pi_features_extractor) is FlattenExtractor
             and type(policy.vf_features_extractor) is FlattenExtractor
         )
+        distribution = type(policy.action_dist)
         self._sample = {
             DiagGaussianDistribution: self._diag_gaussian,
             CategoricalDistribution: self._categorical,
             MultiCategoricalDistribution: self._multi_categorical,
             BernoulliDistribution: self._bernoulli,
             StateDependentNoiseDistribution: self._state_dependent_noise,
-        }[type(policy.action_dist)]
+        }[_MASKED_DISTRIBUTIONS.get(distribution, distribution)]
 
     def _features(self, obs: PyTorchObs, extractor: nn.Module) -> th.Tensor:
         policy = self.policy
@@ -182,10 +221,11 @@ class LeanForward:
             return preprocessed.flatten(1)  # type: ignore[union-attr]  # nn.Flatten's op
         return extractor(preprocessed)
 
-    def __call__(self, obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+    def __call__(self, obs: PyTorchObs, action_masks: np.ndarray | None = None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
         """:return: actions (as the numpy array SB3 makes of them), values and log-probabilities, as
-        ``policy(obs)`` computes them"""
+        ``policy(obs)`` computes them (``policy(obs, action_masks=...)`` for a maskable policy)"""
         policy = self.policy
+        self._masks = None if action_masks is None else th.as_tensor(action_masks, dtype=th.bool, device=policy.device)
         if policy.share_features_extractor:
             pi_features = vf_features = self._features(obs, policy.features_extractor)
         else:
@@ -272,13 +312,24 @@ class LeanForward:
         return actions_np, th.from_numpy(log_pmf.numpy()[np.arange(len(actions_np)), actions_np])
 
     def _categorical(self, latent_pi: th.Tensor) -> tuple[np.ndarray, th.Tensor]:
-        return self._categorical_sample(self._action_head(latent_pi))
+        logits = self._action_head(latent_pi)
+        if self._masked_distribution:
+            logits = _masked_logits(logits, None if self._masks is None else self._masks.reshape(logits.shape))
+        return self._categorical_sample(logits)
 
     def _multi_categorical(self, latent_pi: th.Tensor) -> tuple[np.ndarray, th.Tensor]:
         logits = self._action_head(latent_pi)
-        distribution = self.policy.action_dist
-        assert isinstance(distribution, MultiCategoricalDistribution)
-        samples = [self._categorical_sample(split) for split in th.split(logits, list(distribution.action_dims), dim=1)]
+        # SB3's MultiCategorical, or sb3-contrib's masked MultiCategorical or Bernoulli (pairs of outcomes)
+        action_dims = list(self.policy.action_dist.action_dims)  # type: ignore[attr-defined]
+        splits = th.split(logits, action_dims, dim=1)
+        if self._masked_distribution:  # sb3-contrib masks each sub-space's categorical with its columns of the mask
+            masks = (
+                [None] * len(splits)
+                if self._masks is None
+                else th.split(self._masks.reshape(-1, logits.shape[1]), action_dims, dim=1)
+            )
+            splits = tuple(_masked_logits(split, mask) for split, mask in zip(splits, masks, strict=True))
+        samples = [self._categorical_sample(split) for split in splits]
         actions = np.stack([action for action, _ in samples], axis=1)
         return actions, th.stack([log_prob for _, log_prob in samples], dim=1).sum(dim=1)
 

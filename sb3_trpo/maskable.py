@@ -18,7 +18,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, MultiCategoricalDistribution
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples, GymEnv, MaybeCallback, RolloutBufferSamples
 from stable_baselines3.common.vec_env import VecEnv
@@ -31,7 +31,7 @@ try:
         MaskableMultiCategoricalDistribution,
     )
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
-    from sb3_contrib.common.maskable.utils import is_masking_supported
+    from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
     from sb3_contrib.ppo_mask import MaskablePPO
     from sb3_contrib.ppo_mask.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 except ImportError as error:  # pragma: no cover - exercised in a subprocess without sb3-contrib
@@ -41,8 +41,10 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
     ) from error
 
 from sb3_trpo.actor import register_standard_mlp_policy
+from sb3_trpo.collection import lean_collect_rollouts
 from sb3_trpo.critic import register_standard_predict_values
 from sb3_trpo.distributions import DistributionParams, Family, register_distribution
+from sb3_trpo.lean_forward import lean_collection_gap, register_masked_distribution
 from sb3_trpo.trpo import TRPO
 
 SelfMaskableTRPO = TypeVar("SelfMaskableTRPO", bound="MaskableTRPO")
@@ -71,6 +73,10 @@ register_standard_mlp_policy(
 )
 # and its critic as ActorCriticPolicy's: the critic step's fast paths apply too
 register_standard_predict_values(MaskableActorCriticPolicy.predict_values)
+# the lean collection samples them as SB3's categoricals, with sb3-contrib's masking
+register_masked_distribution(MaskableCategoricalDistribution, CategoricalDistribution)
+register_masked_distribution(MaskableMultiCategoricalDistribution, MultiCategoricalDistribution)
+register_masked_distribution(MaskableBernoulliDistribution, MultiCategoricalDistribution)
 
 
 class MaskableTRPO(TRPO):
@@ -88,8 +94,9 @@ class MaskableTRPO(TRPO):
     a masked action has probability 0 under the old and the new policy, so it adds nothing to the surrogate, the
     KL or the Fisher matrix, and the trust region bounds the mean KL over the valid actions.
 
-    Rollouts are collected with sb3-contrib's masked loop (``MaskablePPO.collect_rollouts``); ``fast_collection``
-    has no effect here.
+    Rollouts are collected as sb3-contrib's ``MaskablePPO.collect_rollouts`` collects them, by the lean loop of
+    :mod:`sb3_trpo.collection` where it covers the policy (``fast_collection=True``, the default; the same data,
+    random numbers and callback locals) and by sb3-contrib's loop otherwise.
 
     :param policy: The policy model to use (``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"``, or a
         ``MaskableActorCriticPolicy`` subclass)
@@ -155,7 +162,20 @@ class MaskableTRPO(TRPO):
     def _collect_rollouts_locally(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        """sb3-contrib's masked collection: each step's masks from ``env.action_masks()``, stored in the buffer."""
+        """sb3-contrib's masked collection (each step's masks from ``env.action_masks()``, stored in the buffer), by
+        the lean loop where it covers the policy and buffer (the same data, random numbers and callback locals)."""
+        gap = None
+        if self.fast_collection:
+            buffers = (MaskableRolloutBuffer, MaskableDictRolloutBuffer)
+            gap = lean_collection_gap(self.policy, rollout_buffer, reference=MaskableActorCriticPolicy, buffer_classes=buffers)
+        if gap is not None and gap != self._collection_gap and self.verbose >= 1:
+            print(f"Collecting rollouts with sb3-contrib's masked loop: the lean loop does not cover {gap}.")
+        self._collection_gap = gap
+        if self.fast_collection and gap is None:
+            masks_of = get_action_masks if self._use_masking else None
+            return lean_collect_rollouts(
+                self, env, callback, rollout_buffer, n_rollout_steps, maskable=True, action_masks_of=masks_of
+            )
         return MaskablePPO.collect_rollouts(
             self,  # type: ignore[arg-type]  # it uses OnPolicyAlgorithm's attributes only
             env,

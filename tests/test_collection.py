@@ -44,6 +44,8 @@ class RecordingCallback(BaseCallback):
     """Keeps a copy of the locals SB3 hands to callbacks at every step and at the rollout's end."""
 
     NAMES = ("n_steps", "actions", "clipped_actions", "values", "log_probs", "new_obs", "rewards", "dones", "obs_tensor")
+    #: what sb3-contrib's masked loop hands over instead of clipped_actions
+    MASK_NAMES = ("action_masks", "use_masking")
 
     def __init__(self, stop_at: int | None = None) -> None:
         super().__init__()
@@ -67,7 +69,9 @@ class RecordingCallback(BaseCallback):
         self.rollout_steps = 0
 
     def _on_step(self) -> bool:
-        self.steps.append({name: self._copy(self.locals[name]) for name in self.NAMES})
+        # the names each loop provides (SB3's, or MaskablePPO's): both loops compared must provide the same ones
+        names = [name for name in (*self.NAMES, *self.MASK_NAMES) if name in self.locals]
+        self.steps.append({name: self._copy(self.locals[name]) for name in names})
         self.steps[-1]["infos"] = [without_wall_time(i) for i in self.locals["infos"]]
         self.steps[-1]["self"] = self.locals["self"] is self.model
         self.rollout_steps += 1
@@ -120,6 +124,7 @@ def collect(make_model: Any, fast: bool, n_rollouts: int = 3, stop_at: int | Non
                 if isinstance(observations, dict)
                 else observations.copy(),
                 **{field: getattr(buffer, field).copy() for field in BUFFER_FIELDS},
+                **({"action_masks": buffer.action_masks.copy()} if hasattr(buffer, "action_masks") else {}),
                 "pos": buffer.pos,
                 "full": buffer.full,
             }

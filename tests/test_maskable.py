@@ -5,6 +5,7 @@ and the checks of what a user passes in."""
 import subprocess
 import sys
 import warnings
+from typing import Any
 
 import gymnasium
 import numpy as np
@@ -13,6 +14,7 @@ import torch as th
 from gymnasium import spaces
 
 from tests.helpers import BOX_OBS, import_sb3_contrib
+from tests.test_collection import assert_identical_collection
 
 import_sb3_contrib()  # a dev dependency: required in CI, skipped elsewhere without it
 
@@ -457,3 +459,57 @@ def test_the_fast_update_paths_cover_the_maskable_policy_and_agree_with_the_gene
     model.train()
     general = th.cat([p.detach().flatten() for p in model.policy.parameters()])
     th.testing.assert_close(fast, general, rtol=1e-4, atol=1e-5)
+
+
+def maskable_model(make_env: Any, use_masking: bool = True, **kwargs: Any) -> Any:
+    def make(fast: bool) -> MaskableTRPO:
+        env = make_vec_env(make_env, n_envs=2, seed=3)
+        model = MaskableTRPO("MlpPolicy", env, n_steps=16, batch_size=32, seed=1, fast_collection=fast, **kwargs)
+        model._use_masking = use_masking  # as learn(use_masking=...) sets it
+        return model
+
+    return make
+
+
+def short_episodes(make_env: Any) -> Any:
+    # episodes of 7 steps, ended by truncation: the timeout bootstrap runs inside every rollout
+    return lambda: gymnasium.wrappers.TimeLimit(make_env(), max_episode_steps=7)
+
+
+@pytest.mark.parametrize("name", list(ENVS))
+@pytest.mark.parametrize("use_masking", [True, False])
+def test_the_lean_loop_collects_what_sb3_contribs_masked_loop_collects(name, use_masking):
+    """Buffer fields and masks, random generator states, callback locals: bit-identical to MaskablePPO's loop."""
+    assert_identical_collection(maskable_model(short_episodes(ENVS[name]), use_masking))
+
+
+def test_the_lean_loop_covers_action_masker_and_stops_where_a_callback_stops_it():
+    def make_env():
+        return ActionMasker(InvalidActionEnvDiscrete(dim=8, n_invalid_actions=5), lambda env: env.unwrapped.action_masks())
+
+    assert_identical_collection(maskable_model(make_env), stop_at=5)
+
+
+def test_training_gives_bit_identical_parameters_with_and_without_the_lean_masked_loop():
+    parameters = []
+    for fast in (True, False):
+        model = maskable_model(ENVS["multidiscrete"])(fast)
+        model.learn(16 * 2 * 4)
+        parameters.append(th.cat([p.detach().flatten() for p in model.policy.parameters()]))
+    assert th.equal(*parameters)
+
+
+def test_a_custom_maskable_policy_falls_back_to_sb3_contribs_loop(monkeypatch):
+    class OwnForward(MaskableActorCriticPolicy):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return super().forward(*args, **kwargs)
+
+    model = MaskableTRPO(OwnForward, make_vec_env(ENVS["discrete"], n_envs=2, seed=0), n_steps=16, batch_size=32, seed=0)
+    model.learn(32)
+    assert model._collection_gap == "the policy class OwnForward overrides forward"
+
+
+def test_use_sde_is_refused():
+    # SB3 refuses it for discrete actions, before the policy exists
+    with pytest.raises(ValueError, match=r"gSDE.*can only be used with continuous actions"):
+        MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=4, n_invalid_actions=1), use_sde=True)
