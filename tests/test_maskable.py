@@ -513,3 +513,41 @@ def test_use_sde_is_refused():
     # SB3 refuses it for discrete actions, before the policy exists
     with pytest.raises(ValueError, match=r"gSDE.*can only be used with continuous actions"):
         MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=4, n_invalid_actions=1), use_sde=True)
+
+
+class MaskedEnvWithObservations(gymnasium.Env):
+    """Any observation space, Discrete(4) actions of which a varying half are legal."""
+
+    action_space = spaces.Discrete(4)
+
+    def __init__(self, observation_space: spaces.Space) -> None:
+        self.observation_space = observation_space
+        self._legal = np.array([True, False, True, False])
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        assert self._legal[action], f"illegal action {action}"
+        self._legal = ~self._legal
+        return self.observation_space.sample(), float(action), False, self.np_random.random() < 0.1, {}
+
+    def action_masks(self) -> np.ndarray:
+        return self._legal.copy()
+
+
+@pytest.mark.parametrize(
+    ("policy", "observation_space"),
+    [
+        ("CnnPolicy", spaces.Box(0, 255, (36, 36, 3), np.uint8)),
+        ("MultiInputPolicy", spaces.Dict({"x": spaces.Box(-1.0, 1.0, (3,)), "k": spaces.Discrete(3)})),
+    ],
+)
+def test_the_cnn_and_multi_input_aliases_train_with_masks(policy, observation_space):
+    env = make_vec_env(lambda: MaskedEnvWithObservations(observation_space), n_envs=2, seed=0)
+    model = MaskableTRPO(policy, env, n_steps=32, batch_size=32, seed=0)
+    assert isinstance(model.policy, MaskableTRPO.policy_aliases[policy])
+    model.learn(128)  # the env asserts that every action it receives is legal
+    assert model._collection_gap is None, "the lean masked collection covers these policies"
+    assert model.logger.name_to_value["train/is_line_search_success"] in (0.0, 1.0)
