@@ -159,23 +159,25 @@ class MaskableTRPO(TRPO):
         assert isinstance(policy, MaskableActorCriticPolicy)
         self.policy = policy.to(self.device)
 
-    def _collect_rollouts_locally(
+    _general_loop = "sb3-contrib's masked loop"
+
+    def _lean_collection_gap(self, rollout_buffer: RolloutBuffer) -> str | None:
+        buffers = (MaskableRolloutBuffer, MaskableDictRolloutBuffer)
+        return lean_collection_gap(self.policy, rollout_buffer, reference=MaskableActorCriticPolicy, buffer_classes=buffers)
+
+    def _lean_collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        """sb3-contrib's masked collection (each step's masks from ``env.action_masks()``, stored in the buffer), by
-        the lean loop where it covers the policy and buffer (the same data, random numbers and callback locals)."""
-        gap = None
-        if self.fast_collection:
-            buffers = (MaskableRolloutBuffer, MaskableDictRolloutBuffer)
-            gap = lean_collection_gap(self.policy, rollout_buffer, reference=MaskableActorCriticPolicy, buffer_classes=buffers)
-        if gap is not None and gap != self._collection_gap and self.verbose >= 1:
-            print(f"Collecting rollouts with sb3-contrib's masked loop: the lean loop does not cover {gap}.")
-        self._collection_gap = gap
-        if self.fast_collection and gap is None:
-            masks_of = get_action_masks if self._use_masking else None
-            return lean_collect_rollouts(
-                self, env, callback, rollout_buffer, n_rollout_steps, maskable=True, action_masks_of=masks_of
-            )
+        """What sb3-contrib's masked loop collects (each step's masks from ``env.action_masks()``, stored in the
+        buffer), by the lean loop: the same data, random numbers and callback locals."""
+        masks_of = get_action_masks if self._use_masking else None
+        return lean_collect_rollouts(
+            self, env, callback, rollout_buffer, n_rollout_steps, maskable=True, action_masks_of=masks_of
+        )
+
+    def _general_collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
         return MaskablePPO.collect_rollouts(
             self,  # type: ignore[arg-type]  # it uses OnPolicyAlgorithm's attributes only
             env,

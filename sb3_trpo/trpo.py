@@ -444,13 +444,30 @@ class TRPO(OnPolicyAlgorithm):
     def _collect_rollouts_locally(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        """This process's rollout: by the lean loop where it covers the policy and buffer, by SB3's otherwise."""
-        gap = lean_collection_gap(self.policy, rollout_buffer) if self.fast_collection else None
+        """This process's rollout: by the lean loop where it covers the policy and buffer, by the general one otherwise."""
+        gap = self._lean_collection_gap(rollout_buffer) if self.fast_collection else None
         if gap is not None and gap != self._collection_gap and self.verbose >= 1:
-            print(f"Collecting rollouts with SB3's loop: the lean loop does not cover {gap}.")
+            print(f"Collecting rollouts with {self._general_loop}: the lean loop does not cover {gap}.")
         self._collection_gap = gap
         if self.fast_collection and gap is None:
-            return lean_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
+            return self._lean_collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        return self._general_collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+
+    #: the loop that collects what the lean loop does not cover (named in the verbose message)
+    _general_loop = "SB3's loop"
+
+    def _lean_collection_gap(self, rollout_buffer: RolloutBuffer) -> str | None:
+        """Why the lean loop cannot collect with this policy and buffer, or ``None`` if it can."""
+        return lean_collection_gap(self.policy, rollout_buffer)
+
+    def _lean_collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        return lean_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
+
+    def _general_collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
         return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def _synchronize_running_stats(self) -> None:
