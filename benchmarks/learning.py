@@ -70,8 +70,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-#: settings of the run rather than TRPO keywords, which ``--set`` may override too
-RUN_KEYS = ("n_envs", "normalize")
+#: settings of the run rather than TRPO keywords, which ``--set`` may override too (``env_kwargs``: keywords of
+#: ``gymnasium.make``, e.g. ``"env_kwargs={'include_cfrc_ext_in_observation': False}"``)
+RUN_KEYS = ("n_envs", "normalize", "env_kwargs")
 
 
 def _literal(text: str) -> Any:
@@ -142,8 +143,9 @@ def run_one(
     # as the CLI reads presets: {'linear': [start, end]} schedules, activation_fn by name
     kwargs = model_kwargs(setting["kwargs"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = make_vec_env(env_id, n_envs=setting["n_envs"], seed=seed)
-    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
+    env_kwargs = setting.get("env_kwargs")
+    env = make_vec_env(env_id, n_envs=setting["n_envs"], seed=seed, env_kwargs=env_kwargs)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000, env_kwargs=env_kwargs)
     if setting["normalize"]:
         # normalize: True, or VecNormalize's keywords (e.g. {'norm_reward': False, 'clip_obs': 10.0})
         options = setting["normalize"] if isinstance(setting["normalize"], dict) else {}
@@ -314,7 +316,7 @@ def report(out: Path) -> None:
         labels = sorted(
             {r["implementation"] for r in results if r["env"] == env_id}, key=lambda x: (x.split("[")[0] != "sb3_trpo", x)
         )
-        colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+        colors = [f"C{i}" for i in range(10)]
         for implementation, color in zip(labels, colors, strict=False):
             runs = [r for r in results if r["env"] == env_id and r["implementation"] == implementation]
             if not runs:
@@ -363,7 +365,7 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override settings (Python literals; n_envs and normalize too), e.g. --set target_kl=0.12",
+        help="override settings (Python literals; n_envs, normalize and env_kwargs too), e.g. --set target_kl=0.12",
     )
     report_parser = sub.add_parser("report", help="results table and learning-curve PNGs")
     report_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
