@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import gymnasium
 import numpy as np
 import pytest
 import torch as th
@@ -190,6 +191,8 @@ def error_of(argv, capsys) -> str:
             ["train", "CartPole-v1", "--hyperparams", "policy_kwargs={'activation_fn': 'Nope'}"],
             "not a torch.nn activation",
         ),
+        (["train", "CartPole-v1", "--hyperparams", "env_kwargs=3"], "env_kwargs must be a dict of gymnasium.make keywords"),
+        (["train", "CartPole-v1", "--hyperparams", "env_kwargs={'nope': 1}"], "does not take env_kwargs {'nope': 1}"),
         (["train", "CartPole-v1", "--timesteps", "0"], "--timesteps 0: must be >= 1"),
         (["train", "CartPole-v1", "--threads", "0"], "--threads 0: must be >= 1"),
         (["eval", "does/not/exist"], "does/not/exist does not exist"),
@@ -251,6 +254,33 @@ def test_other_versions_share_a_preset_and_unknown_environments_get_defaults():
     assert preset_for("Blackjack-v1") == DEFAULT
 
 
+def test_a_presets_env_kwargs_apply_to_the_version_it_was_measured_on_only(monkeypatch):
+    import sb3_trpo.cli.presets as presets_module
+
+    entry = {"source": "measured", "n_envs": 1, "normalize": False, "n_timesteps": 10, "hyperparams": {}}
+    keywords = {"include_cfrc_ext_in_observation": False}
+    monkeypatch.setattr(presets_module, "load_presets", lambda: {"Ant-v5": {**entry, "env_kwargs": keywords}})
+    assert preset_for("Ant-v5").env_kwargs == keywords
+    older = preset_for("Ant-v4")  # Ant-v4 has no such keyword: the hyperparameters only, and the source says so
+    assert older.env_kwargs == {}
+    assert "not applied to Ant-v4" in str(older.source)
+    assert apply_overrides(preset_for("Ant-v5"), ["env_kwargs={}"]).env_kwargs == {}
+
+
+@pytest.mark.skipif(int(gymnasium.__version__.split(".")[0]) < 1, reason="sutton_barto_reward needs gymnasium >= 1.0")
+def test_env_kwargs_reach_the_training_and_evaluation_environments(tmp_path, capsys):
+    """CartPole's Sutton-Barto reward (0 per step, -1 when the pole falls) makes every return -1 or 0, where the
+    default reward gives +1 per step: train's periodic evaluations and ``eval`` of the run both show it."""
+    output = tmp_path / "run"
+    keywords = "env_kwargs={'sutton_barto_reward': True}"
+    assert main(["train", "CartPole-v1", "--output", str(output), *SHORT, *SMALL, keywords]) == 0
+    assert "Environment keywords: {'sutton_barto_reward': True}" in capsys.readouterr().out
+    assert json.loads((output / CONFIG).read_text())["env_kwargs"] == {"sutton_barto_reward": True}
+    assert np.all(np.load(output / EVALUATIONS)["results"] <= 0)
+    assert main(["eval", str(output), "--episodes", "3"]) == 0
+    assert "CartPole-v1: return -" in capsys.readouterr().out  # rebuilt with the keywords from config.json
+
+
 def test_overrides_parse_python_literals():
     preset = apply_overrides(
         DEFAULT, ["gamma=0.98", "use_sde=True", "normalize=True", "n_envs=4", "policy_kwargs={'net_arch': [32, 32]}"]
@@ -294,6 +324,7 @@ def test_a_measured_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_r
         assert run["timesteps"] == preset.n_timesteps
         assert run["settings"]["n_envs"] == preset.n_envs
         assert bool(run["settings"]["normalize"]) == preset.normalize
+        assert run["settings"].get("env_kwargs", {}) == preset.env_kwargs
         assert _with_defaults(run["settings"]["kwargs"]) == _with_defaults(preset.hyperparams)
     mean_final = float(np.mean([r["final_return_mean"] for r in runs]))
     assert f"{mean_final:.0f}" in preset.source

@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gymnasium.wrappers import RecordVideo
@@ -39,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if args.video is not None and importlib.util.find_spec("moviepy") is None:
         raise CliError("--video needs moviepy, which gymnasium's RecordVideo writes videos with: pip install moviepy")
 
-    env = _make_env(env_id, args.seed, statistics, args.video, args.episodes)
+    # the keywords the run's environment was made with (a preset's env_kwargs), when evaluating on that environment
+    env_kwargs = dict(config.get("env_kwargs") or {}) if env_id == config.get("env_id") else {}
+    env = _make_env(env_id, args.seed, statistics, args.video, args.episodes, env_kwargs)
     try:
         model = TRPO.load(model_file, env=env, device=args.device)
     except ValueError as error:
@@ -97,15 +100,17 @@ def _statistics_for(model_file: Path, run_folder: Path) -> Path | None:
     return None
 
 
-def _make_env(env_id: str, seed: int, statistics: Path | None, video: Path | None, episodes: int) -> VecEnv:
+def _make_env(
+    env_id: str, seed: int, statistics: Path | None, video: Path | None, episodes: int, env_kwargs: dict[str, Any]
+) -> VecEnv:
     if video is None:
-        env = runs.make_env(env_id, 1, seed)
+        env = runs.make_env(env_id, 1, seed, env_kwargs=env_kwargs or None)
     else:
         env = runs.make_env(
             env_id,
             1,
             seed,
-            env_kwargs={"render_mode": "rgb_array"},
+            env_kwargs={**env_kwargs, "render_mode": "rgb_array"},
             # the evaluated episodes only, not the one the vectorized env starts by itself after the last
             wrapper_class=lambda e: RecordVideo(e, str(video), episode_trigger=lambda i: i < episodes, disable_logger=True),
         )

@@ -12,7 +12,7 @@ from torch import nn
 from sb3_trpo.trpo import TRPO
 
 #: run settings that are not TRPO keywords but may be overridden like them
-RUN_KEYS = ("n_envs", "normalize", "n_timesteps", "policy")
+RUN_KEYS = ("n_envs", "normalize", "n_timesteps", "policy", "env_kwargs")
 #: TRPO keywords that may be schedules, written {"linear": [start, end]} in presets and --hyperparams
 SCHEDULE_KEYS = ("learning_rate", "target_kl")
 #: TRPO keywords that --hyperparams does not set, and what to do instead
@@ -40,6 +40,8 @@ class Preset(NamedTuple):
     :param policy: policy alias
     :param hyperparams: TRPO keywords
     :param source: where the values come from (``None`` when no preset exists for the environment)
+    :param env_kwargs: keywords of ``gymnasium.make`` for the training and evaluation environments (rl-zoo3's
+        ``env_kwargs``), e.g. ``{"include_cfrc_ext_in_observation": False}``
     """
 
     n_envs: int
@@ -48,10 +50,13 @@ class Preset(NamedTuple):
     policy: str
     hyperparams: dict[str, Any]
     source: str | None
+    env_kwargs: dict[str, Any]
 
 
 #: without a preset: SB3's usual single-environment defaults and TRPO's own defaults
-DEFAULT = Preset(n_envs=1, normalize=False, n_timesteps=1_000_000, policy="MlpPolicy", hyperparams={}, source=None)
+DEFAULT = Preset(
+    n_envs=1, normalize=False, n_timesteps=1_000_000, policy="MlpPolicy", hyperparams={}, source=None, env_kwargs={}
+)
 
 
 def load_presets() -> dict[str, dict[str, Any]]:
@@ -64,22 +69,33 @@ def preset_for(env_id: str) -> Preset:
     """The shipped preset for ``env_id``; another version of the same environment (``Hopper-v4`` for ``Hopper-v5``)
     takes its preset too, and an environment without one gets :data:`DEFAULT`.
 
+    A preset's ``env_kwargs`` are keywords of the version it was measured on (Ant-v5's
+    ``include_cfrc_ext_in_observation`` does not exist in Ant-v4), so another version takes the preset without
+    them, and its ``source`` says so.
+
     :param env_id: a Gymnasium environment id
     """
     presets = load_presets()
-    entry = presets.get(env_id)
-    if entry is None:
+    key = env_id if env_id in presets else None
+    if key is None:
         name = env_id.rsplit("-v", 1)[0]
-        entry = next((value for key, value in presets.items() if key.rsplit("-v", 1)[0] == name), None)
-    if entry is None:
+        key = next((other for other in presets if other.rsplit("-v", 1)[0] == name), None)
+    if key is None:
         return DEFAULT
+    entry = presets[key]
+    source = str(entry["source"])
+    env_kwargs = dict(entry.get("env_kwargs", {}))
+    if env_kwargs and key != env_id:
+        source += f" [the preset of {key}; its env_kwargs {env_kwargs} are {key}'s keywords and are not applied to {env_id}]"
+        env_kwargs = {}
     return Preset(
         n_envs=int(entry["n_envs"]),
         normalize=bool(entry["normalize"]),
         n_timesteps=int(entry["n_timesteps"]),
         policy=str(entry.get("policy", "MlpPolicy")),
         hyperparams=dict(entry["hyperparams"]),
-        source=str(entry["source"]),
+        source=source,
+        env_kwargs=env_kwargs,
     )
 
 
@@ -106,7 +122,11 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """
     allowed = trpo_keywords()
     run: dict[str, Any] = dict(
-        n_envs=preset.n_envs, normalize=preset.normalize, n_timesteps=preset.n_timesteps, policy=preset.policy
+        n_envs=preset.n_envs,
+        normalize=preset.normalize,
+        n_timesteps=preset.n_timesteps,
+        policy=preset.policy,
+        env_kwargs=preset.env_kwargs,
     )
     hyperparams = dict(preset.hyperparams)
     for override in overrides:
@@ -132,6 +152,11 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     for key in ("n_envs", "n_timesteps"):
         if not isinstance(run[key], int) or isinstance(run[key], bool) or run[key] < 1:
             raise CliError(f"--hyperparams {key}={run[key]!r}: {key} must be an integer >= 1.")
+    if not isinstance(run["env_kwargs"], dict) or not all(isinstance(key, str) for key in run["env_kwargs"]):
+        raise CliError(
+            f"--hyperparams env_kwargs={run['env_kwargs']!r}: env_kwargs must be a dict of gymnasium.make keywords, "
+            "e.g. env_kwargs={'include_cfrc_ext_in_observation': False}."
+        )
     if run["policy"] not in TRPO.policy_aliases:
         raise CliError(f"--hyperparams policy={run['policy']!r}: policy must be one of {', '.join(TRPO.policy_aliases)}.")
     return Preset(
@@ -141,6 +166,7 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         policy=str(run["policy"]),
         hyperparams=hyperparams,
         source=preset.source,
+        env_kwargs=dict(run["env_kwargs"]),
     )
 
 

@@ -40,12 +40,20 @@ def make_env(
     env_kwargs: dict[str, Any] | None = None,
     wrapper_class: Callable[[gym.Env], gym.Env] | None = None,
 ) -> VecEnv:
-    """SB3's ``make_vec_env`` (with ``Monitor``), turning a missing optional dependency into a clear error."""
+    """SB3's ``make_vec_env`` (with ``Monitor``), turning a missing optional dependency or a keyword the environment
+    does not take into a clear error."""
     check_env_id(env_id)
     try:
         return make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper_class)
     except gym.error.DependencyNotInstalled as error:
         raise CliError(f"environment {env_id!r} cannot be created here: {error}") from None
+    except TypeError as error:
+        if not env_kwargs:
+            raise
+        raise CliError(
+            f"environment {env_id!r} does not take env_kwargs {env_kwargs!r} ({error}); use the keywords its "
+            "constructor lists (gymnasium.make(env_id, **env_kwargs))."
+        ) from None
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override preset values: TRPO keywords or n_envs, normalize, n_timesteps, policy (values as Python literals)",
+        help="override preset values: TRPO keywords or n_envs, normalize, n_timesteps, policy, env_kwargs "
+        "(values as Python literals)",
     )
     parser.add_argument("--timesteps", type=int, help="training budget (default: the preset's, else 1,000,000)")
     parser.add_argument("--seed", type=int, help="random seed (default: drawn at random and recorded in config.json)")
@@ -67,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
     # a process-wide setting: the CLI owns its process, the library never changes it
     th.set_num_threads(args.threads)
-    env = runs.make_env(args.env_id, n_envs, seed)
-    eval_env = runs.make_env(args.env_id, 1, seed + 1_000_000)
+    env_kwargs = settings.env_kwargs or None
+    env = runs.make_env(args.env_id, n_envs, seed, env_kwargs=env_kwargs)
+    eval_env = runs.make_env(args.env_id, 1, seed + 1_000_000, env_kwargs=env_kwargs)
     if settings.normalize:
         gamma = settings.hyperparams.get("gamma", 0.99)
         env = VecNormalize(env, gamma=gamma)
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             "n_envs": n_envs,
             "threads": args.threads,
             "normalize": settings.normalize,
+            "env_kwargs": settings.env_kwargs,
             "timesteps": timesteps,
             "policy": settings.policy,
             "hyperparams": settings.hyperparams,
@@ -105,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"Training TRPO on {args.env_id} for {timesteps:,} timesteps, seed {seed}, {n_envs} env(s) -> {output}")
     print(f"Preset: {settings.source or 'none for this environment: TRPO defaults'}")
+    if settings.env_kwargs:
+        print(f"Environment keywords: {settings.env_kwargs}")
 
     callbacks: list[BaseCallback] = []
     if args.eval_freq > 0:
