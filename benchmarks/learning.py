@@ -84,6 +84,8 @@ def _literal(text: str) -> Any:
 
 
 def _versions() -> dict[str, str]:
+    from importlib import metadata
+
     import gymnasium
     import sb3_contrib
     import stable_baselines3
@@ -91,6 +93,10 @@ def _versions() -> dict[str, str]:
 
     import sb3_trpo
 
+    try:
+        mujoco_version = metadata.version("mujoco")
+    except metadata.PackageNotFoundError:
+        mujoco_version = "not installed"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     return {
         "git_commit": commit.stdout.strip(),
@@ -99,6 +105,8 @@ def _versions() -> dict[str, str]:
         "stable_baselines3": stable_baselines3.__version__,
         "torch": torch.__version__,
         "gymnasium": gymnasium.__version__,
+        # MuJoCo trajectories of one seed differ across installs (simulator version, CPU): record what can be recorded
+        "mujoco": mujoco_version,
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
