@@ -19,6 +19,7 @@ import json
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -347,14 +348,15 @@ def report(out: Path) -> None:
             length = min(len(c[0]) for c in curves)
             steps = curves[0][0][:length]
             returns = np.stack([c[1][:length] for c in curves])
-            axes.plot(steps, returns.mean(axis=0), color=color, label=f"{implementation} ({len(runs)} seeds)")
+            # variant labels carry their overrides, often longer than the plot is wide: wrapped, below the axes
+            label = textwrap.fill(f"{implementation} ({len(runs)} seeds)", width=90, subsequent_indent="    ")
+            axes.plot(steps, returns.mean(axis=0), color=color, label=label)
             axes.fill_between(steps, returns.min(axis=0), returns.max(axis=0), color=color, alpha=0.2)
         axes.set_title(f"{env_id}: deterministic evaluation return")
         axes.set_xlabel("environment steps")
         axes.set_ylabel("return (mean over seeds, min-max band)")
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(out / f"{env_id}.png", dpi=100)
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=7, frameon=False)
+        figure.savefig(out / f"{env_id}.png", dpi=100, bbox_inches="tight")
         plt.close(figure)
 
 
