@@ -76,10 +76,8 @@ def preset_for(env_id: str) -> Preset:
     :param env_id: a Gymnasium environment id
     """
     presets = load_presets()
-    key = env_id if env_id in presets else None
-    if key is None:
-        name = env_id.rsplit("-v", 1)[0]
-        key = next((other for other in presets if other.rsplit("-v", 1)[0] == name), None)
+    name = env_id.rsplit("-v", 1)[0]
+    key = env_id if env_id in presets else next((other for other in presets if other.rsplit("-v", 1)[0] == name), None)
     if key is None:
         return DEFAULT
     entry = presets[key]
