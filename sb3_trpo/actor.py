@@ -228,7 +228,8 @@ def mlp_fisher_product(
     :param obs: the states of the Fisher matrix
     :param damping: Tikhonov damping added to ``F``
     :param action_masks: the valid actions of each state, for a maskable policy: the metric is then taken at the
-        masked distributions (a masked action has probability 0 and adds nothing to ``M``)
+        masked distributions (a masked action adds nothing to ``M``, and neither does a sub-space with no valid
+        action, whose distribution sb3-contrib fixes to the uniform one)
     """
     policy = view.policy
     if not any(all(getattr(type(policy), m) is getattr(ref, m) for m in _STANDARD_METHODS) for ref in _STANDARD_POLICIES):
@@ -274,4 +275,5 @@ def mlp_fisher_product(
     # one softmax per categorical sub-space (MultiDiscrete, and sb3-contrib's masked MultiBinary as pairs)
     split = [t.shape[1] for t in params.tensors] if params.family is Family.CATEGORICAL and len(params.tensors) > 1 else [-1]
     log_std_slice = slices.get(id(log_std)) if log_std is not None else None
-    return MlpFisherProduct(features, fisher_layers, hidden, params, log_std_slice, split, view.size, damping)
+    valid = None if action_masks is None else action_masks.reshape(len(features), -1)
+    return MlpFisherProduct(features, fisher_layers, hidden, params, log_std_slice, split, view.size, damping, valid)

@@ -158,6 +158,8 @@ class MlpFisherProduct:
     :param split: sizes of the categorical sub-spaces along the head's output (MultiDiscrete), else ``[-1]``
     :param size: length of the flat actor parameter vector
     :param damping: Tikhonov damping added to ``F``
+    :param valid: for masked categoricals, which actions each state may take, ``(N, sum of the sub-space sizes)``
+        (``None``: all of them)
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class MlpFisherProduct:
         split: list[int],
         size: int,
         damping: float = 0.0,
+        valid: th.Tensor | None = None,
     ) -> None:
         self._inputs = [features, *hidden]  # the input of every layer
         self._layers = layers
@@ -190,6 +193,14 @@ class MlpFisherProduct:
             self._inv_var = self._params.tensors[1].pow(-2)
         elif params.family is Family.CATEGORICAL:
             self._probs = [F.softmax(logits, dim=-1) for logits in self._params.tensors]
+            if valid is not None:
+                # The head's tangent is that of the *raw* logits, but a masked logit is a constant (-1e8): its row
+                # of the true J is zero. With a valid action left in the sub-space the masked p is 0, so M's row and
+                # column there are zero anyway; with none left, sb3-contrib's distribution is uniform (p = 1/n),
+                # constant in θ, and its block of Jᵀ M J must vanish. p ⊙ mask gives both: M = diag(p) − ppᵀ on
+                # the valid actions, 0 on a fully masked sub-space.
+                masks = th.split(valid.to(self._probs[0].dtype), [p.shape[1] for p in self._probs], dim=1)
+                self._probs = [p * mask for p, mask in zip(self._probs, masks, strict=True)]
         else:
             sigmoid = th.sigmoid(self._params.tensors[0])
             self._bernoulli_metric = sigmoid * (1 - sigmoid)

@@ -53,9 +53,11 @@ def sub_space_sizes(space: spaces.Space) -> list[int]:
     return [2] * int(space.n)
 
 
-def random_masks(space: spaces.Space, n: int, seed: int = 0) -> th.Tensor:
+def random_masks(space: spaces.Space, n: int, seed: int = 0, fully_masked: bool = False) -> th.Tensor:
     """Masks that differ between states, at least one valid action per sub-space; state 0 keeps a single valid
-    action per sub-space (its distribution is a point mass: KL 0, no curvature)."""
+    action per sub-space (its distribution is a point mass: KL 0, no curvature). With ``fully_masked``, every odd
+    state has no valid action at all in its last sub-space (sb3-contrib then gives that sub-space the uniform
+    distribution, whatever the parameters)."""
     generator = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -67,6 +69,8 @@ def random_masks(space: spaces.Space, n: int, seed: int = 0) -> th.Tensor:
                 part[:] = False
                 part[generator.integers(size)] = True
             parts.append(part)
+        if fully_masked and i % 2 == 1:
+            parts[-1][:] = False
         rows.append(np.concatenate(parts))
     return th.as_tensor(np.stack(rows))
 
@@ -80,11 +84,11 @@ def tiny_maskable_policy(space: spaces.Space, seed: int = 0) -> MaskableActorCri
     return policy
 
 
-def masked_batch(space: spaces.Space, n: int = 12, seed: int = 0):
+def masked_batch(space: spaces.Space, n: int = 12, seed: int = 0, fully_masked: bool = False):
     policy = tiny_maskable_policy(space, seed)
     BOX_OBS.seed(seed)
     obs = th.as_tensor(np.stack([BOX_OBS.sample() for _ in range(n)]))
-    masks = random_masks(space, n, seed)
+    masks = random_masks(space, n, seed, fully_masked)
     with th.no_grad():
         actions = policy.get_distribution(obs, action_masks=masks).sample()
     return policy, obs, actions, masks
@@ -92,13 +96,16 @@ def masked_batch(space: spaces.Space, n: int = 12, seed: int = 0):
 
 def restricted_kl(old_logits: th.Tensor, new_logits: th.Tensor, masks: th.Tensor, sizes: list[int]) -> th.Tensor:
     """Per-state KL of the distributions restricted to the valid actions, by torch.distributions: independent of the
-    -1e8 logits that sb3-contrib's masking uses (each state's categorical holds only its valid actions)."""
+    -1e8 logits that sb3-contrib's masking uses (each state's categorical holds only its valid actions). A sub-space
+    with no valid action has one fixed distribution (sb3-contrib's uniform one), whatever the parameters: KL 0."""
     kls = []
     for i in range(old_logits.shape[0]):
         total = old_logits.new_zeros(())
         for old, new, mask in zip(
             th.split(old_logits[i], sizes), th.split(new_logits[i], sizes), th.split(masks[i], sizes), strict=True
         ):
+            if not mask.any():
+                continue
             total = total + th.distributions.kl_divergence(
                 th.distributions.Categorical(logits=old[mask]), th.distributions.Categorical(logits=new[mask])
             )
@@ -111,10 +118,11 @@ def raw_logits(actor: ActorView, theta: th.Tensor, obs: th.Tensor, actions: th.T
     return th.cat(actor.evaluate(theta, obs, actions).params.tensors, dim=1)
 
 
+@pytest.mark.parametrize("fully_masked", [False, True], ids=["valid-actions", "fully-masked-sub-spaces"])
 @pytest.mark.parametrize("name", list(MASKED_SPACES))
-def test_masked_fisher_products_equal_the_explicit_hessian_of_the_masked_mean_kl(name):
+def test_masked_fisher_products_equal_the_explicit_hessian_of_the_masked_mean_kl(name, fully_masked):
     space = MASKED_SPACES[name]
-    policy, obs, actions, masks = masked_batch(space)
+    policy, obs, actions, masks = masked_batch(space, fully_masked=fully_masked)
     actor = ActorView(policy, obs)
     theta_old = actor.flat()
     sizes = sub_space_sizes(space)
