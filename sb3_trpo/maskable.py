@@ -6,8 +6,9 @@ rollout buffers that store each step's mask, and the mask utilities. sb3-contrib
 imported by this module only (``pip install "sb3-trpo[masking]"``).
 
 The masks stored with the rollout define the distributions of the whole update: the surrogate's ratios, the KL
-of the trust region, the Fisher matrix (``M = diag(p) - p pᵀ`` has zero rows and columns at masked actions) and
-the line search all see the masked distributions that collected the data, so an accepted step has mean KL over
+of the trust region, the Fisher matrix (``M = diag(p) - p pᵀ`` has zero rows and columns at masked actions; a
+sub-space with no valid action has sb3-contrib's fixed uniform distribution and no curvature at all) and the line
+search all see the masked distributions that collected the data, so an accepted step has mean KL over
 the valid actions at most ``target_kl``.
 """
 
