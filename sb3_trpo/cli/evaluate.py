@@ -17,7 +17,13 @@ from sb3_trpo.trpo import TRPO
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_path", metavar="MODEL_PATH", type=Path, help="a run folder (from `train`) or a model .zip")
-    parser.add_argument("env_id", metavar="ENV_ID", nargs="?", help="environment (default: the run's, from config.json)")
+    parser.add_argument(
+        "env_id",
+        metavar="ENV_ID",
+        nargs="?",
+        help="environment, ENV_ID or MODULE:ENV_ID (default: the run's, from config.json)",
+    )
+    runs.add_gym_packages_argument(parser)
     parser.add_argument("--episodes", type=int, default=10, help="number of episodes (default 10)")
     parser.add_argument("--best", action="store_true", help="in a run folder, evaluate the best model instead of the final")
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the most likely")
@@ -32,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     model_file, run_folder = _locate(args.model_path, args.best)
     statistics = _statistics_for(model_file, run_folder)
     config = runs.read_config(run_folder) or {}
+    # the run's packages (which its environment needed), then eval's own, each once, before the id is looked up
+    runs.import_gym_packages(dict.fromkeys([*runs.recorded_gym_packages(config, run_folder), *args.gym_packages]))
     env_id = args.env_id or config.get("env_id")
     if env_id is None:
         raise CliError(
@@ -41,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--video needs moviepy, which gymnasium's RecordVideo writes videos with: pip install moviepy")
 
     # the keywords the run's environment was made with (a preset's env_kwargs), when evaluating on that environment
-    env_kwargs = dict(config.get("env_kwargs") or {}) if env_id == config.get("env_id") else {}
+    same_env = "env_id" in config and runs.split_env_id(env_id)[1] == runs.split_env_id(str(config["env_id"]))[1]
+    env_kwargs = dict(config.get("env_kwargs") or {}) if same_env else {}
     env = _make_env(env_id, args.seed, statistics, args.video, args.episodes, env_kwargs)
     try:
         model = TRPO.load(model_file, env=env, device=args.device)

@@ -73,9 +73,11 @@ def preset_for(env_id: str) -> Preset:
     ``include_cfrc_ext_in_observation`` does not exist in Ant-v4), so another version takes the preset without
     them, and its ``source`` says so.
 
-    :param env_id: a Gymnasium environment id
+    :param env_id: a Gymnasium environment id, or gymnasium's ``MODULE:ENV_ID`` (the preset is ``ENV_ID``'s)
     """
     presets = load_presets()
+    # the module of MODULE:ENV_ID only registers the environment: the id names it (as runs.split_env_id reads it)
+    env_id = env_id.partition(":")[2] or env_id
     name = env_id.rsplit("-v", 1)[0]
     key = env_id if env_id in presets else next((other for other in presets if other.rsplit("-v", 1)[0] == name), None)
     if key is None:

@@ -1,7 +1,9 @@
 """What a training run leaves in its folder, and making its environments, shared by the subcommands."""
 
+import argparse
+import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,92 @@ BEST_VEC_NORMALIZE = "best_vecnormalize.pkl"  # VecNormalize statistics when the
 EVALUATIONS = "evaluations.npz"  # periodic evaluations: timesteps, returns, episode lengths (SB3's EvalCallback)
 
 
-def check_env_id(env_id: str) -> None:
-    """Refuse an environment id Gymnasium does not know, saying what it knows.
+def split_env_id(env_id: str) -> tuple[str | None, str]:
+    """Gymnasium's ``MODULE:ENV_ID`` form, as ``gymnasium.make`` reads it: the module to import, which registers the
+    environment, and the registered id.
 
-    :raises CliError: for an unknown id
+    :param env_id: ``ENV_ID`` or ``MODULE:ENV_ID``
+    :return: the module (``None`` without one) and the id
+    :raises CliError: for more than one colon or an empty part, which ``gymnasium.make`` cannot read either
     """
+    if ":" not in env_id:
+        return None, env_id
+    module, _, name = env_id.partition(":")
+    if not module or not name or ":" in name:
+        raise CliError(f"environment {env_id!r}: expected ENV_ID or MODULE:ENV_ID, e.g. my_package.envs:MyEnv-v0.")
+    return module, name
+
+
+def import_gym_packages(modules: Iterable[str]) -> None:
+    """Import modules that register environments with Gymnasium when imported (rl-zoo3's ``--gym-packages``).
+
+    Only a module that cannot be found or imported is the user's mistake (one line); any other exception is raised
+    by the module's own code, whose traceback its author needs.
+
+    :param modules: module names, e.g. ``my_package.envs``
+    :raises CliError: for a module that cannot be imported
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise CliError(
+                f"cannot import {module!r} ({error}): give a module that is installed or on PYTHONPATH and registers "
+                "its environments with gymnasium.register when imported."
+            ) from None
+
+
+def add_gym_packages_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--gym-packages MODULE ...`` (rl-zoo3's option) to a subcommand that takes an environment id.
+
+    :param parser: the subcommand's parser
+    """
+    parser.add_argument(
+        "--gym-packages",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="MODULE",
+        # nargs="+" would also take ENV_ID if the option came first: hence after ENV_ID, or closed by --
+        help="modules to import before ENV_ID is looked up, for packages that register environments when imported "
+        "(give it after ENV_ID, or end the list with --)",
+    )
+
+
+def recorded_gym_packages(config: dict[str, Any], folder: Path) -> list[str]:
+    """:return: the ``--gym-packages`` a run was trained with, as its ``config.json`` records them (none before they
+    were recorded)
+
+    :param config: the run's settings
+    :param folder: the run folder, for the message
+    :raises CliError: if ``gym_packages`` is not a list of module names
+    """
+    packages = config.get("gym_packages", [])
+    if not isinstance(packages, list) or not all(isinstance(module, str) for module in packages):
+        raise CliError(f"{folder / CONFIG}: gym_packages must be a list of module names, not {packages!r}.")
+    return packages
+
+
+def check_env_id(env_id: str) -> str:
+    """Import the module of a ``MODULE:ENV_ID`` (as ``gymnasium.make`` does), then refuse an environment id Gymnasium
+    does not know, saying what it knows.
+
+    :param env_id: ``ENV_ID`` or ``MODULE:ENV_ID``
+    :return: the registered id, which ``gymnasium.make`` takes once the module is imported
+    :raises CliError: for a module that cannot be imported or an unknown id
+    """
+    module, name = split_env_id(env_id)
+    if module is not None:
+        import_gym_packages([module])
     try:
-        gym.spec(env_id)
+        gym.spec(name)
     except gym.error.Error as error:
         raise CliError(
             f"unknown environment {env_id!r} ({error}). Use a registered Gymnasium id such as CartPole-v1 or "
-            "Pendulum-v1; MuJoCo and Box2D tasks need `pip install gymnasium[mujoco]` or `gymnasium[box2d]`."
+            "Pendulum-v1; MuJoCo and Box2D tasks need `pip install gymnasium[mujoco]` or `gymnasium[box2d]`; "
+            "an environment your own package registers is MODULE:ENV_ID or ENV_ID --gym-packages MODULE."
         ) from None
+    return name
 
 
 def make_env(
@@ -41,10 +117,17 @@ def make_env(
     wrapper_class: Callable[[gym.Env], gym.Env] | None = None,
 ) -> VecEnv:
     """SB3's ``make_vec_env`` (with ``Monitor``), turning a missing optional dependency or a keyword the environment
-    does not take into a clear error."""
-    check_env_id(env_id)
+    does not take into a clear error.
+
+    :param env_id: ``ENV_ID`` or ``MODULE:ENV_ID`` (the module is imported first)
+    :param n_envs: number of environments
+    :param seed: seed of the first environment (the others take the next seeds)
+    :param env_kwargs: keywords of ``gymnasium.make``
+    :param wrapper_class: wrapper applied to each environment
+    """
+    name = check_env_id(env_id)
     try:
-        return make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper_class)
+        return make_vec_env(name, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper_class)
     except gym.error.DependencyNotInstalled as error:
         raise CliError(f"environment {env_id!r} cannot be created here: {error}") from None
     except TypeError as error:

@@ -23,7 +23,12 @@ from sb3_trpo.trpo import TRPO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("env_id", metavar="ENV_ID", help="Gymnasium environment id, e.g. CartPole-v1")
+    parser.add_argument(
+        "env_id",
+        metavar="ENV_ID",
+        help="Gymnasium environment id, e.g. CartPole-v1, or MODULE:ENV_ID to import the module that registers it",
+    )
+    runs.add_gym_packages_argument(parser)
     parser.add_argument(
         "--hyperparams",
         nargs="+",
@@ -51,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    runs.check_env_id(args.env_id)
-    preset = preset_for(args.env_id)
+    # before the id is looked up: these modules register it (the module of MODULE:ENV_ID is imported by check_env_id)
+    runs.import_gym_packages(args.gym_packages)
+    env_name = runs.check_env_id(args.env_id)
+    preset = preset_for(env_name)
     settings = apply_overrides(preset, args.hyperparams)
     n_envs = args.n_envs if args.n_envs is not None else settings.n_envs
     timesteps = args.timesteps if args.timesteps is not None else settings.n_timesteps
@@ -64,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_freq < 0:
         raise CliError(f"--eval-freq {args.eval_freq}: must be >= 0 (0 turns periodic evaluation off).")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    output = args.output if args.output is not None else _next_free(Path("runs"), args.env_id)
+    output = args.output if args.output is not None else _next_free(Path("runs"), env_name)
 
     # a process-wide setting: the CLI owns its process, the library never changes it
     th.set_num_threads(args.threads)
@@ -93,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     runs.write_config(
         output,
         {
-            "env_id": args.env_id,
+            "env_id": args.env_id,  # as given: eval of the run imports the module of a MODULE:ENV_ID again
+            "gym_packages": args.gym_packages,  # imported again by eval of the run
             "seed": seed,
             "n_envs": n_envs,
             "threads": args.threads,
