@@ -127,19 +127,22 @@ class ActorView:
         named = select_actor_parameters(policy, obs)
         self.names = ["policy." + name for name, _ in named]
         self.parameters = [param for _, param in named]
+        self._places = _places_of(policy, self.parameters)
         self.shapes = [param.shape for param in self.parameters]
         self.numels = [param.numel() for param in self.parameters]
         self._module = _DistributionOf(policy)
-        self._all_parameter_ids = self.parameter_ids(policy)
+        self._parameter_key = self.parameter_key(policy)
 
     @staticmethod
-    def parameter_ids(policy: nn.Module) -> tuple[int, ...]:
-        """:return: identities of all parameters of ``policy`` (to notice a replaced module)"""
-        return tuple(id(p) for p in policy.parameters())
+    def parameter_key(policy: nn.Module) -> tuple[tuple[int, bool], ...]:
+        """:return: identity and ``requires_grad`` of every parameter of ``policy``: what the choice of the actor
+        parameters depends on (a replaced module, or a part frozen or unfrozen since, changes it)"""
+        return tuple((id(p), p.requires_grad) for p in policy.parameters())
 
     def is_view_of(self, policy: nn.Module) -> bool:
-        """:return: whether this view still describes ``policy`` (same object, same parameter objects)"""
-        return policy is self.policy and self.parameter_ids(policy) == self._all_parameter_ids
+        """:return: whether this view still describes ``policy``: same object, same parameter objects, each as
+        trainable as it was when the view was built"""
+        return policy is self.policy and self.parameter_key(policy) == self._parameter_key
 
     @property
     def size(self) -> int:
@@ -151,12 +154,17 @@ class ActorView:
         return th.cat([param.detach().reshape(-1) for param in self.parameters])
 
     def unflatten(self, theta: th.Tensor) -> dict[str, th.Tensor]:
-        """Split a flat vector into named tensors shaped like the actor parameters (views, so gradients flow).
+        """Split a flat vector into tensors shaped like the actor parameters (views, so gradients flow), keyed by
+        every place where the policy holds an actor parameter (see :func:`_places_of`).
 
         :param theta: flat vector of length :attr:`size`
         """
         chunks = th.split(theta, self.numels)
-        return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes, strict=True)}
+        return {
+            place: chunk.view(shape)
+            for places, chunk, shape in zip(self._places, chunks, self.shapes, strict=True)
+            for place in places
+        }
 
     def evaluate(
         self, theta: th.Tensor, obs: PyTorchObs, actions: th.Tensor, action_masks: th.Tensor | None = None
@@ -170,7 +178,9 @@ class ActorView:
         :param actions: actions taken in those states (for the log-probabilities)
         :param action_masks: the valid actions of each state, for a maskable policy (``None``: no masking)
         """
-        output = functional_call(self._module, self.unflatten(theta), (obs, actions, action_masks))
+        # tie_weights=False: the places are given explicitly, each once (torch's own untying swaps a module registered
+        # under several names once per name and then restores the candidate instead of the parameter)
+        output = functional_call(self._module, self.unflatten(theta), (obs, actions, action_masks), tie_weights=False)
         assert isinstance(output, PolicyEvaluation)
         return output
 
@@ -189,6 +199,26 @@ class ActorView:
         with interrupts_deferred(), th.no_grad():
             for param, chunk in zip(self.parameters, chunks, strict=True):
                 param.copy_(chunk)
+
+
+def _places_of(policy: nn.Module, parameters: list[nn.Parameter]) -> list[list[str]]:
+    """Where each parameter is registered in ``policy``: one name per distinct (module, attribute) holding it.
+
+    A module can sit under several names (SB3's shared ``features_extractor`` is also ``pi_features_extractor`` and
+    ``vf_features_extractor``): one of its names reaches it. A parameter can also be held by two distinct modules
+    (tied weights): each of them needs the substitute, or part of the forward pass would see the old value.
+
+    :return: for each parameter, the names (prefixed ``policy.``, as seen from :class:`_DistributionOf`) to substitute
+    """
+    places: dict[int, list[str]] = {id(p): [] for p in parameters}
+    seen: set[tuple[int, str]] = set()
+    for name, param in policy.named_parameters(remove_duplicate=False):
+        module_name, _, attribute = name.rpartition(".")
+        owner = policy.get_submodule(module_name)
+        if id(param) in places and (id(owner), attribute) not in seen:
+            seen.add((id(owner), attribute))
+            places[id(param)].append("policy." + name)
+    return [places[id(p)] for p in parameters]
 
 
 @contextmanager

@@ -400,7 +400,9 @@ class TRPO(OnPolicyAlgorithm):
         ]
 
     def _get_actor_view(self, obs: PyTorchObs) -> ActorView:
-        """The flat view of the actor parameters, rebuilt if the policy or its modules were replaced."""
+        """The flat view of the actor parameters, rebuilt if the policy or its modules were replaced, or a parameter
+        was frozen or unfrozen since it was built (a part unfrozen later must enter the trust region, or the critic
+        step would move the policy unchecked)."""
         if self._actor_view is None or not self._actor_view.is_view_of(self.policy):
             self._actor_view = ActorView(self.policy, index_obs(obs, slice(0, 2)))
         return self._actor_view

@@ -197,3 +197,67 @@ def test_an_entirely_frozen_actor_is_refused_with_what_to_do():
     obs, _ = sample_batch(policy, n=2)
     with pytest.raises(ValueError, match=r"does not depend on any trainable parameter.*requires_grad=True"):
         ActorView(policy, obs)
+
+
+def test_freezing_log_std_between_learn_calls_keeps_it_fixed():
+    model = TRPO("MlpPolicy", RandomEnv(BOX_OBS, ACTION_SPACES["box"]), n_steps=64, batch_size=32, seed=0)
+    model.learn(64)  # the actor view is built with a trainable log_std
+    model.policy.log_std.requires_grad_(False)
+    log_std = model.policy.log_std.detach().clone()
+    model.learn(128, reset_num_timesteps=False)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert th.equal(model.policy.log_std, log_std)
+    assert all(p is not model.policy.log_std for p in model._actor_view.parameters)
+
+
+def test_a_shared_extractor_unfrozen_between_learn_calls_joins_the_actor_and_the_critic_step_leaves_it():
+    model = TRPO(
+        "MlpPolicy",
+        RandomEnv(BOX_OBS, ACTION_SPACES["box"]),
+        n_steps=64,
+        batch_size=32,
+        seed=0,
+        policy_kwargs=dict(features_extractor_class=ValueEmbedding, net_arch=dict(pi=[8], vf=[8])),
+    )
+    extractor = model.policy.features_extractor
+    extractor.requires_grad_(False)
+    model.learn(64)  # the extractor is frozen: outside the actor
+    extractor.requires_grad_(True)
+    model.target_kl = 0.0  # no policy step: whatever moves the policy now is the critic step
+    obs, actions = sample_batch(model.policy, n=16)
+    with th.no_grad():
+        before = model.policy.evaluate_actions(obs, actions)[1]
+    model.learn(64, reset_num_timesteps=False)
+    with th.no_grad():
+        th.testing.assert_close(model.policy.evaluate_actions(obs, actions)[1], before, rtol=0, atol=0)
+    assert any(p is extractor.value_embedding.weight for p in model._actor_view.parameters)
+
+
+@pytest.mark.parametrize("accept", [True, False], ids=["accepted", "rejected"])
+def test_evaluating_a_shared_extractor_leaves_the_policys_own_parameters_in_place(monkeypatch, accept):
+    """The extractor is registered under three names (features_extractor, pi_ and vf_features_extractor): a
+    candidate substituted for it must not stay in the policy, under any of them, after the evaluation."""
+    model = TRPO(
+        "MlpPolicy",
+        RandomEnv(BOX_OBS, ACTION_SPACES["discrete"]),
+        n_steps=64,
+        batch_size=32,
+        seed=0,
+        n_critic_updates=0,
+        policy_kwargs=dict(features_extractor_class=ValueEmbedding),
+    )
+    parameters = dict(model.policy.named_parameters())
+    if not accept:  # every trial fails: the line search rejects, and the policy must stay exactly as it was
+        monkeypatch.setattr(sb3_trpo.solvers, "is_acceptable", lambda trial, max_kl: False)
+    before = {name: p.detach().clone() for name, p in parameters.items()}
+    model.learn(64)
+    assert model.logger.name_to_value["train/is_line_search_success"] == float(accept)
+    now = dict(model.policy.named_parameters())
+    assert now.keys() == parameters.keys()
+    for name, param in now.items():
+        assert param is parameters[name], f"{name} was replaced by another tensor"
+        assert isinstance(param, th.nn.Parameter)
+    extractor_moved = not th.equal(
+        before["features_extractor.value_embedding.weight"], now["features_extractor.value_embedding.weight"]
+    )
+    assert extractor_moved == accept
