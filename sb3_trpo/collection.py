@@ -36,6 +36,15 @@ def non_finite_rollout_error(what: str, count: int) -> NonFiniteRolloutError:
     )
 
 
+def non_finite_parameters_error(count: int) -> NonFiniteRolloutError:
+    """:return: the error for a policy with ``count`` non-finite parameters, which cannot act"""
+    return NonFiniteRolloutError(
+        f"The policy's parameters contain {count} NaN or infinite values, so no action can be sampled and no rollout "
+        "was collected: the model is unchanged. TRPO's update never writes such values; they were set from outside "
+        "it (set_parameters, load_state_dict, a callback): load an earlier checkpoint or find what changed them."
+    )
+
+
 def count_non_finite(values: np.ndarray | th.Tensor) -> int:
     """:return: the number of NaN or infinite entries (0 for integer arrays)"""
     if isinstance(values, th.Tensor):

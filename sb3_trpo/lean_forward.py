@@ -335,6 +335,9 @@ class LeanForward:
 
     def _bernoulli(self, latent_pi: th.Tensor) -> tuple[np.ndarray, th.Tensor]:
         logits = self._action_head(latent_pi)
-        actions = th.bernoulli(th.sigmoid(logits))
+        # NaN logits (non-finite observations or parameters) would make th.bernoulli raise its own error (a device-side
+        # assertion on CUDA): a NaN probability draws as 0.5 instead, and its NaN log-probability stops the rollout
+        # with the collection's own error; finite probabilities are unchanged
+        actions = th.bernoulli(th.sigmoid(logits).nan_to_num_(0.5))
         log_prob = (-F.binary_cross_entropy_with_logits(logits, actions, reduction="none")).sum(dim=1)
         return actions.cpu().numpy(), log_prob

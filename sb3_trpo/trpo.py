@@ -35,6 +35,7 @@ from sb3_trpo.collection import (
     count_non_finite,
     lean_collect_rollouts,
     non_finite_counts,
+    non_finite_parameters_error,
     non_finite_rollout_error,
     vec_normalize_running_stats,
 )
@@ -424,11 +425,16 @@ class TRPO(OnPolicyAlgorithm):
         timesteps_before = self.num_timesteps
         try:
             continue_training = self._collect_rollouts_locally(env, callback, rollout_buffer, n_rollout_steps)
-        except ValueError as error:
+        except (ValueError, RuntimeError) as error:
+            # the policy could not act on non-finite observations or parameters: say so, in the same words whichever
+            # loop collected, instead of quoting torch's complaint (a distribution's ValueError, a sampler's RuntimeError)
             last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
             count = sum(count_non_finite(np.asarray(o)) for o in last)
-            if count:  # the policy could not act on them: say so instead of quoting the distribution's complaint
+            if count:
                 raise non_finite_rollout_error("observations", count) from error
+            count = sum(count_non_finite(p.detach()) for p in self.policy.parameters())
+            if count:
+                raise non_finite_parameters_error(count) from error
             raise
         if not self._replica.is_distributed:
             return continue_training

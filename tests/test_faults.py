@@ -245,3 +245,25 @@ def test_nan_candidates_are_rejected_not_committed(monkeypatch):
     assert model.logger.name_to_value["train/is_line_search_success"] == 0.0
     assert th.equal(model._actor_view.flat(), before)
     assert all_finite(model)
+
+
+@pytest.mark.parametrize("space", list(ACTION_SPACES))
+@pytest.mark.parametrize("fault", ["observation", "parameter"])
+def test_non_finite_observations_or_parameters_raise_the_same_error_on_both_collection_paths(space, fault):
+    messages = []
+    for fast in (True, False):
+        env = RandomEnv(BOX_OBS, ACTION_SPACES[space])
+        if fault == "observation":
+            env = Poisoned(env, "observation")
+        model = TRPO("MlpPolicy", env, n_steps=64, batch_size=32, seed=0, fast_collection=fast)
+        if fault == "parameter":
+            with th.no_grad():
+                model.policy.action_net.bias[0] = np.nan
+        before = parameters(model)
+        with pytest.raises(NonFiniteRolloutError) as error:
+            model.learn(64)
+        messages.append(str(error.value))
+        after = parameters(model)
+        assert all(th.allclose(before[name], after[name], equal_nan=True, rtol=0, atol=0) for name in before)
+    assert messages[0] == messages[1]
+    assert ("observations" if fault == "observation" else "parameters") in messages[0]
