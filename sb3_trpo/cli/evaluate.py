@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise CliError(f"--episodes {args.episodes}: must be >= 1.")
     model_file, run_folder = _locate(args.model_path, args.best)
-    statistics = _statistics_for(model_file, run_folder)
     config = runs.read_config(run_folder) or {}
+    statistics = _statistics_for(model_file, run_folder, _normalized(config, run_folder))
     # the run's packages (which its environment needed), then eval's own, each once, before the id is looked up
     runs.import_gym_packages(dict.fromkeys([*runs.recorded_gym_packages(config, run_folder), *args.gym_packages]))
     env_id = args.env_id or config.get("env_id")
@@ -86,25 +87,57 @@ def _locate(path: Path, best: bool) -> tuple[Path, Path]:
     raise CliError(f"{path} does not exist: give a run folder made by `sb3-trpo train` or a model .zip file.")
 
 
-def _statistics_for(model_file: Path, run_folder: Path) -> Path | None:
+def _normalized(config: dict[str, Any], run_folder: Path) -> bool | None:
+    """:return: whether the run was trained on normalized observations, as its ``config.json`` says (``None``
+        without one, e.g. for a model file on its own)
+
+    :raises CliError: for a ``normalize`` that is not true or false
+    """
+    normalized = config.get("normalize")
+    if normalized is not None and not isinstance(normalized, bool):
+        raise CliError(f"{run_folder / runs.CONFIG}: normalize must be true or false, not {normalized!r}.")
+    return normalized
+
+
+def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None) -> Path | None:
     """:return: the VecNormalize statistics the model was trained and selected with, or ``None`` if not normalized
 
     The best model goes with the statistics saved when it was selected; the final model with those at the end.
+    ``config.json``'s ``normalize`` decides whether there must be statistics: a run folder reused before ``train``
+    refused it can hold another run's. Without it (a model file on its own), the statistics beside the model are
+    used if there are any.
 
-    :raises CliError: for a best model of a normalized run that has only the final statistics (runs made before
-        they were saved), which would normalize its observations differently from how it was trained
+    :param model_file: the evaluated model
+    :param run_folder: the folder of its run
+    :param normalized: ``config.json``'s ``normalize``, ``None`` without one
+    :raises CliError: for a normalized run without the model's statistics, including a best model of a run that
+        has only the final statistics (runs made before they were saved), which would normalize its observations
+        differently from how it was trained
     """
     final = run_folder / runs.VEC_NORMALIZE
-    if model_file.name != runs.BEST_MODEL:
-        return final if final.is_file() else None
     best = run_folder / runs.BEST_VEC_NORMALIZE
-    if best.is_file():
-        return best
-    if final.is_file():
+    wanted = best if model_file.name == runs.BEST_MODEL else final
+    if normalized is False:
+        if wanted.is_file():  # not the model's: evaluating with it would feed the model observations it never saw
+            print(
+                f"sb3-trpo eval: note: not applying {wanted}: {run_folder / runs.CONFIG} says the run was not normalized "
+                "(normalize: false), so the file is left from another run in this folder.",
+                file=sys.stderr,
+            )
+        return None
+    if wanted.is_file():
+        return wanted
+    if wanted == best and final.is_file():
         raise CliError(
             f"{run_folder} has no {runs.BEST_VEC_NORMALIZE}: the best model's normalization statistics were not saved "
             f"(the run predates sb3-trpo saving them), and the final {runs.VEC_NORMALIZE} would normalize its "
             "observations differently. Evaluate the final model (without --best), or train the run again."
+        )
+    if normalized:
+        raise CliError(
+            f"{wanted} does not exist, and {run_folder / runs.CONFIG} says the run was normalized (normalize: true): "
+            "without the statistics it was trained with, the model would see observations it never saw. Restore the "
+            "file, or train the run again."
         )
     return None
 

@@ -19,6 +19,19 @@ BEST_MODEL = "best_model.zip"  # the model with the best periodic evaluation (SB
 VEC_NORMALIZE = "vecnormalize.pkl"  # VecNormalize statistics at the end of training, when normalized
 BEST_VEC_NORMALIZE = "best_vecnormalize.pkl"  # VecNormalize statistics when the best model was saved, when normalized
 EVALUATIONS = "evaluations.npz"  # periodic evaluations: timesteps, returns, episode lengths (SB3's EvalCallback)
+#: every file `train` writes into a run folder: one of them makes the folder hold a run, and --overwrite removes them
+RUN_FILES = (CONFIG, MODEL, BEST_MODEL, VEC_NORMALIZE, BEST_VEC_NORMALIZE, EVALUATIONS)
+
+
+def files_of_a_run(folder: Path) -> list[str]:
+    """:return: the names of the files of a run that ``folder`` holds (none if it does not exist)
+
+    :param folder: a run folder
+    :raises CliError: if ``folder`` is a file
+    """
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"--output {folder} is a file: give a folder for the run.")
+    return [name for name in RUN_FILES if (folder / name).is_file()]
 
 
 def split_env_id(env_id: str) -> tuple[str | None, str]:

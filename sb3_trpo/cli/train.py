@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tensorboard-log", type=Path, help="also write TensorBoard logs into this folder")
     parser.add_argument("--output", type=Path, help="run folder (default: runs/ENV_ID_N, N the next free number)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run the --output folder already holds (its files are removed before training)",
+    )
     parser.add_argument("--eval-freq", type=int, default=10_000, help="evaluate every this many timesteps (0: never)")
     parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per periodic evaluation")
     parser.add_argument("--no-progress-bar", action="store_true", help="do not show the progress bar")
@@ -72,6 +77,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--eval-freq {args.eval_freq}: must be >= 0 (0 turns periodic evaluation off).")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     output = args.output if args.output is not None else _next_free(Path("runs"), env_name)
+    # one run per folder: files of an earlier run would be read as this run's (its best evaluation in the summary,
+    # its VecNormalize statistics by eval)
+    old_run = runs.files_of_a_run(output)
+    if old_run and not args.overwrite:
+        raise CliError(
+            f"{output} already holds a run ({', '.join(old_run)}): choose another --output folder, or pass --overwrite "
+            "to replace that run."
+        )
 
     # a process-wide setting: the CLI owns its process, the library never changes it
     th.set_num_threads(args.threads)
@@ -96,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         raise CliError(f"bad hyperparameters for {args.env_id}: {error}") from None
 
+    # only now that everything is valid: a refused --overwrite leaves the earlier run as it was
+    for name in old_run:
+        (output / name).unlink()
+    if old_run:
+        print(f"Replacing the run in {output} (--overwrite): removed {', '.join(old_run)}")
     output.mkdir(parents=True, exist_ok=True)
     runs.write_config(
         output,
