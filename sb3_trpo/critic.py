@@ -199,7 +199,7 @@ class MlpCriticRegression:
     """:func:`regress_values` for SB3's standard MLP critic, with the backward pass and Adam written out.
 
     For ``MlpExtractor``'s value branch (``nn.Linear`` layers, each but the last followed by a Tanh, ReLU,
-    LeakyReLU or ELU) and ``value_net``, regressed from precomputed features with ``torch.optim.Adam``. The
+    LeakyReLU or ELU, not with a negative slope or alpha) and ``value_net``, regressed from precomputed features with ``torch.optim.Adam``. The
     general path spends most of a minibatch on per-op bookkeeping: autograd's graph, and ``Optimizer.step`` looping
     over six tensors. Here the critic's parameters, gradients and Adam moments each live in one flat tensor for
     the whole step, the backward pass is the few matrix products of an MLP's chain rule (with the very backward

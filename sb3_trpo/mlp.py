@@ -22,12 +22,25 @@ ACTIVATION_DERIVATIVES: dict[type[nn.Module], ActivationDerivative] = {
 }
 
 
+def derivative_from_output(module: nn.Module) -> bool:
+    """:return: whether ``module`` is a covered activation whose derivative its output tells: a LeakyReLU with a
+    negative slope (or an ELU with a negative alpha) gives positive outputs on both sides of 0, so ``h`` no longer
+    tells where ``z`` was, and torch's backward from the output refuses it; the fast paths leave those to autograd"""
+    if type(module) not in ACTIVATION_DERIVATIVES:
+        return False
+    if isinstance(module, nn.LeakyReLU):
+        return module.negative_slope >= 0
+    if isinstance(module, nn.ELU):
+        return module.alpha >= 0
+    return True
+
+
 def linear_layers(modules: list[nn.Module]) -> list[tuple[nn.Linear, nn.Module | None]] | None:
     """Group a flat stack of modules into ``(linear layer, the activation after it or None)``.
 
     :param modules: e.g. an ``MlpExtractor`` branch followed by a head
     :return: the groups, or ``None`` if the stack holds anything but biased ``nn.Linear`` layers each followed by
-        at most one covered activation, or if a module has forward hooks
+        at most one covered activation (see :func:`derivative_from_output`), or if a module has forward hooks
     """
     layers: list[tuple[nn.Linear, nn.Module | None]] = []
     for module in modules:
@@ -35,7 +48,7 @@ def linear_layers(modules: list[nn.Module]) -> list[tuple[nn.Linear, nn.Module |
             return None
         if type(module) is nn.Linear and module.bias is not None:
             layers.append((module, None))
-        elif type(module) in ACTIVATION_DERIVATIVES and layers and layers[-1][1] is None:
+        elif derivative_from_output(module) and layers and layers[-1][1] is None:
             layers[-1] = (layers[-1][0], module)
         else:
             return None

@@ -1,14 +1,18 @@
 """Fisher-vector products: the closed form Jᵀ M J against the explicit Hessian of the mean KL, against the
 double-backprop reference, and against forward mode; the metric M against the KL's Hessian in parameter space."""
 
+from functools import partial
+
 import pytest
 import torch as th
 from torch.func import jvp
 
+from sb3_trpo import TRPO
 from sb3_trpo.actor import ActorView, mlp_fisher_product
+from sb3_trpo.critic import MlpCriticRegression, critic_parameters
 from sb3_trpo.distributions import DistributionParams, Family, fisher_metric_product, kl_divergence
 from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product, mean_kl_from
-from tests.helpers import ACTION_SPACES, reference_kl, sample_batch, tiny_policy
+from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv, reference_kl, sample_batch, tiny_policy
 from tests.test_actor import ValueEmbedding
 
 POLICIES = {
@@ -220,3 +224,31 @@ def test_the_written_out_mlp_product_declines_hooks_and_trainable_extractors():
     assert mlp_fisher_product(ActorView(policy, obs), obs, DAMPING) is None
     cnn_like = tiny_policy(ACTION_SPACES["discrete"], features_extractor_class=ValueEmbedding)
     assert mlp_fisher_product(ActorView(cnn_like, obs), obs, DAMPING) is None
+
+
+@pytest.mark.parametrize(
+    "activation_fn",
+    [partial(th.nn.LeakyReLU, negative_slope=-0.1), partial(th.nn.ELU, alpha=-0.5)],
+    ids=["leaky-relu-negative-slope", "elu-negative-alpha"],
+)
+def test_activations_whose_derivative_the_output_does_not_tell_train_on_autograds_paths(activation_fn):
+    """torch's backward from the output refuses a negative slope (the output's sign no longer tells the input's): the
+    written-out Fisher product and critic step decline such layers, and training runs as sb3-contrib's does."""
+    policy_kwargs = dict(net_arch=dict(pi=[8], vf=[8]), activation_fn=activation_fn)
+    for name in ("box", "discrete"):
+        policy = tiny_policy(ACTION_SPACES[name], **policy_kwargs)
+        obs, _ = sample_batch(policy, n=8)
+        assert mlp_fisher_product(ActorView(policy, obs), obs, DAMPING) is None
+        actor_ids = {id(p) for p in ActorView(policy, obs).parameters}
+        assert MlpCriticRegression.for_policy(policy, critic_parameters(policy, actor_ids), actor_ids) is None
+        model = TRPO(
+            "MlpPolicy",
+            RandomEnv(BOX_OBS, ACTION_SPACES[name]),
+            n_steps=64,
+            batch_size=32,
+            seed=0,
+            policy_kwargs=policy_kwargs,
+        )
+        model.learn(128)
+        assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+        assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
