@@ -40,5 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return module.run(args)
     except CliError as error:
-        print(f"sb3-trpo {args.command}: error: {error}", file=sys.stderr)
+        # one line, as the README promises, even when a message quotes text that has line breaks (an exception's)
+        message = " ".join(str(error).split())
+        print(f"sb3-trpo {args.command}: error: {message}", file=sys.stderr)
         return 2

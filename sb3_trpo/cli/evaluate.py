@@ -2,14 +2,17 @@
 
 import argparse
 import importlib.util
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from gymnasium.wrappers import RecordVideo
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, VecTransposeImage
 
 from sb3_trpo.cli import runs
 from sb3_trpo.cli.presets import CliError
@@ -36,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise CliError(f"--episodes {args.episodes}: must be >= 1.")
+    runs.check_seed(args.seed)
     model_file, run_folder = _locate(args.model_path, args.best)
     config = runs.read_config(run_folder) or {}
-    statistics = _statistics_for(model_file, run_folder, _normalized(config, run_folder))
+    statistics, note = _statistics_for(model_file, run_folder, _normalized(config, run_folder))
     # the run's packages (which its environment needed), then eval's own, each once, before the id is looked up
     runs.import_gym_packages(dict.fromkeys([*runs.recorded_gym_packages(config, run_folder), *args.gym_packages]))
     env_id = args.env_id or config.get("env_id")
@@ -46,21 +50,35 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(
             f"ENV_ID is needed: {run_folder / runs.CONFIG} does not exist to say which environment {model_file} is for."
         )
+    runs.check_env_id(env_id)  # imports the module of a MODULE:ENV_ID: a mistake in the id before loading the model
     if args.video is not None and importlib.util.find_spec("moviepy") is None:
         raise CliError("--video needs moviepy, which gymnasium's RecordVideo writes videos with: pip install moviepy")
+    try:
+        # without an environment: evaluate_policy is given one, and its spaces are checked below with a clearer message
+        model = TRPO.load(model_file, device=args.device)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
     # the keywords the run's environment was made with (a preset's env_kwargs), when evaluating on that environment
     same_env = "env_id" in config and runs.split_env_id(env_id)[1] == runs.split_env_id(str(config["env_id"]))[1]
     env_kwargs = dict(config.get("env_kwargs") or {}) if same_env else {}
-    env = _make_env(env_id, args.seed, statistics, args.video, args.episodes, env_kwargs)
+    env = runs.make_env(env_id, 1, args.seed, env_kwargs=env_kwargs or None)
     try:
-        model = TRPO.load(model_file, env=env, device=args.device)
-    except ValueError as error:
-        raise CliError(str(error)) from None
+        _check_spaces(model, env, env_id, config.get("env_id"))
+    except CliError:
+        env.close()
+        raise
+    if args.video is not None:  # only once the environment fits: RecordVideo creates the video folder
+        env.close()
+        env = _video_env(env_id, args.seed, args.video, args.episodes, env_kwargs)
+    if statistics is not None:  # the model was trained on normalized observations: evaluate with the same statistics
+        env = _normalized_env(statistics, env, env_id)
     returns, lengths = evaluate_policy(
         model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic, return_episode_rewards=True
     )
     env.close()
+    if note is not None:
+        print(f"sb3-trpo eval: note: {note}", file=sys.stderr)
     returns_array, lengths_array = np.asarray(returns, dtype=float), np.asarray(lengths, dtype=float)
     mode = "stochastic" if args.stochastic else "deterministic"
     print(
@@ -70,6 +88,39 @@ def run(args: argparse.Namespace) -> int:
     if args.video is not None:
         print(f"videos in {args.video}")
     return 0
+
+
+def _check_spaces(model: TRPO, env: VecEnv, env_id: str, trained_on: Any) -> None:
+    """Refuse an environment whose observations or actions are not the model's, as SB3's ``load(env=...)`` would,
+    but in one line: SB3's message prints the bounds of both spaces, over several lines for larger ones.
+
+    :param model: the loaded model
+    :param env: the evaluation environment, before normalization (which keeps its spaces)
+    :param env_id: the environment, for the message
+    :param trained_on: the run's environment from ``config.json``, if known
+    :raises CliError: if the spaces differ
+    """
+    observation_space = _as_the_model_sees(env.observation_space)
+    if observation_space == model.observation_space and env.action_space == model.action_space:
+        return
+    ours = (runs.describe_space(model.observation_space), runs.describe_space(model.action_space))
+    theirs = (runs.describe_space(observation_space), runs.describe_space(env.action_space))
+    bounds = " (same shapes, other bounds)" if ours == theirs else ""
+    origin = f"the model was trained on {trained_on}" if trained_on else "give the environment the model was trained on"
+    raise CliError(
+        f"{env_id} does not fit the model: the model observes {ours[0]} and acts in {ours[1]}, {env_id} observes "
+        f"{theirs[0]} and acts in {theirs[1]}{bounds}; {origin}."
+    )
+
+
+def _as_the_model_sees(space: spaces.Space) -> spaces.Space:
+    """The observation space as SB3 hands it to a policy: images channel-first (SB3 wraps an environment of
+    channel-last images in ``VecTransposeImage``, also when loading a model), other spaces as they are."""
+    if isinstance(space, spaces.Dict):
+        return spaces.Dict({key: _as_the_model_sees(sub) for key, sub in space.spaces.items()})
+    if isinstance(space, spaces.Box) and is_image_space(space) and not is_image_space_channels_first(space):
+        return VecTransposeImage.transpose_space(space)
+    return space
 
 
 def _locate(path: Path, best: bool) -> tuple[Path, Path]:
@@ -99,8 +150,9 @@ def _normalized(config: dict[str, Any], run_folder: Path) -> bool | None:
     return normalized
 
 
-def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None) -> Path | None:
-    """:return: the VecNormalize statistics the model was trained and selected with, or ``None`` if not normalized
+def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None) -> tuple[Path | None, str | None]:
+    """:return: the VecNormalize statistics the model was trained and selected with (``None`` if not normalized),
+        and a note for the user when a statistics file is in the folder but not applied
 
     The best model goes with the statistics saved when it was selected; the final model with those at the end.
     ``config.json``'s ``normalize`` decides whether there must be statistics: a run folder reused before ``train``
@@ -118,15 +170,15 @@ def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None)
     best = run_folder / runs.BEST_VEC_NORMALIZE
     wanted = best if model_file.name == runs.BEST_MODEL else final
     if normalized is False:
-        if wanted.is_file():  # not the model's: evaluating with it would feed the model observations it never saw
-            print(
-                f"sb3-trpo eval: note: not applying {wanted}: {run_folder / runs.CONFIG} says the run was not normalized "
-                "(normalize: false), so the file is left from another run in this folder.",
-                file=sys.stderr,
-            )
-        return None
+        if not wanted.is_file():
+            return None, None
+        # not the model's: evaluating with it would feed the model observations it never saw
+        return None, (
+            f"not applying {wanted}: {run_folder / runs.CONFIG} says the run was not normalized (normalize: false), "
+            "so the file is left from another run in this folder."
+        )
     if wanted.is_file():
-        return wanted
+        return wanted, None
     if wanted == best and final.is_file():
         raise CliError(
             f"{run_folder} has no {runs.BEST_VEC_NORMALIZE}: the best model's normalization statistics were not saved "
@@ -139,24 +191,30 @@ def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None)
             "without the statistics it was trained with, the model would see observations it never saw. Restore the "
             "file, or train the run again."
         )
-    return None
+    return None, None
 
 
-def _make_env(
-    env_id: str, seed: int, statistics: Path | None, video: Path | None, episodes: int, env_kwargs: dict[str, Any]
-) -> VecEnv:
-    if video is None:
-        env = runs.make_env(env_id, 1, seed, env_kwargs=env_kwargs or None)
-    else:
-        env = runs.make_env(
-            env_id,
-            1,
-            seed,
-            env_kwargs={**env_kwargs, "render_mode": "rgb_array"},
-            # the evaluated episodes only, not the one the vectorized env starts by itself after the last
-            wrapper_class=lambda e: RecordVideo(e, str(video), episode_trigger=lambda i: i < episodes, disable_logger=True),
-        )
-    if statistics is not None:  # the model was trained on normalized observations: evaluate with the same statistics
-        env = VecNormalize.load(str(statistics), env)
-        env.training, env.norm_reward = False, False
-    return env
+def _video_env(env_id: str, seed: int, video: Path, episodes: int, env_kwargs: dict[str, Any]) -> VecEnv:
+    """:return: the evaluation environment, recording each of the ``episodes`` evaluated into ``video``"""
+    return runs.make_env(
+        env_id,
+        1,
+        seed,
+        env_kwargs={**env_kwargs, "render_mode": "rgb_array"},
+        # the evaluated episodes only, not the one the vectorized env starts by itself after the last
+        wrapper_class=lambda e: RecordVideo(e, str(video), episode_trigger=lambda i: i < episodes, disable_logger=True),
+    )
+
+
+def _normalized_env(statistics: Path, env: VecEnv, env_id: str) -> VecNormalize:
+    """:return: ``env`` normalized with the run's statistics, frozen, and with the true rewards
+
+    :raises CliError: for statistics that cannot be read or are not of ``env``'s observations
+    """
+    try:
+        normalized = VecNormalize.load(str(statistics), env)
+    except (AssertionError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        env.close()
+        raise CliError(f"{statistics} cannot normalize {env_id}'s observations ({error}).") from None
+    normalized.training, normalized.norm_reward = False, False
+    return normalized

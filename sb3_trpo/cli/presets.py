@@ -3,9 +3,11 @@
 import ast
 import inspect
 import json
+import warnings
 from importlib import resources
 from typing import Any, NamedTuple
 
+import torch as th
 from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 
@@ -176,9 +178,30 @@ def _with_activation_class(policy_kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str):
         return policy_kwargs
     cls = getattr(nn, name.removeprefix("nn."), None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise CliError(f"policy_kwargs activation_fn={name!r}: not a torch.nn activation (e.g. 'Tanh', 'ReLU').")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and _is_activation(cls)):
+        raise CliError(
+            f"policy_kwargs activation_fn={name!r}: not a torch.nn activation (e.g. 'Tanh', 'ReLU'): SB3 builds it "
+            "without arguments between the layers, so it must map a tensor to one of the same shape."
+        )
     return {**policy_kwargs, "activation_fn": cls}
+
+
+def _is_activation(cls: type[nn.Module]) -> bool:
+    """Whether SB3 can use ``cls`` between the layers of its networks: built without arguments, it maps a batch of
+    features to a tensor of the same shape. Tried on a small tensor, since ``nn.Module`` itself, a layer
+    (``nn.Linear``) or a container pass for modules but fail only once training has started.
+
+    :param cls: a ``torch.nn`` module class
+    """
+    features = th.zeros(2, 3)
+    try:
+        # an activation's own warnings (nn.Softmax's implicit dimension) are for when it is used, not for this try
+        with warnings.catch_warnings(), th.no_grad():
+            warnings.simplefilter("ignore")
+            output = cls()(features)
+    except Exception:  # whatever a module that is not an activation raises: it is not one
+        return False
+    return isinstance(output, th.Tensor) and output.shape == features.shape
 
 
 def model_kwargs(hyperparams: dict[str, Any]) -> dict[str, Any]:

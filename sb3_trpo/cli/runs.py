@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -19,6 +20,8 @@ BEST_MODEL = "best_model.zip"  # the model with the best periodic evaluation (SB
 VEC_NORMALIZE = "vecnormalize.pkl"  # VecNormalize statistics at the end of training, when normalized
 BEST_VEC_NORMALIZE = "best_vecnormalize.pkl"  # VecNormalize statistics when the best model was saved, when normalized
 EVALUATIONS = "evaluations.npz"  # periodic evaluations: timesteps, returns, episode lengths (SB3's EvalCallback)
+#: the seeds `--seed` takes: those numpy's global generator takes (SB3 seeds it with the run's seed)
+SEED_RANGE = range(2**32)
 #: every file `train` writes into a run folder: one of them makes the folder hold a run, and --overwrite removes them
 RUN_FILES = (CONFIG, MODEL, BEST_MODEL, VEC_NORMALIZE, BEST_VEC_NORMALIZE, EVALUATIONS)
 
@@ -150,6 +153,35 @@ def make_env(
             f"environment {env_id!r} does not take env_kwargs {env_kwargs!r} ({error}); use the keywords its "
             "constructor lists (gymnasium.make(env_id, **env_kwargs))."
         ) from None
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed that seeding would fail on with a traceback (Gymnasium refuses a negative one, numpy one of
+    2**32 or more).
+
+    :raises CliError: for a seed out of :data:`SEED_RANGE`
+    """
+    if seed not in SEED_RANGE:
+        raise CliError(f"--seed {seed}: must be an integer from 0 to {SEED_RANGE[-1]}.")
+
+
+def describe_space(space: spaces.Space) -> str:
+    """A space in one short line: shape and dtype of a ``Box`` without its bounds (whose arrays numpy prints over
+    several lines for larger spaces).
+
+    :param space: an observation or action space
+    """
+    if isinstance(space, spaces.Box):
+        return f"Box{space.shape} {space.dtype}"
+    if isinstance(space, spaces.Discrete):
+        return f"Discrete({int(space.n)})" if int(space.start) == 0 else f"Discrete({int(space.n)}, start={int(space.start)})"
+    if isinstance(space, spaces.MultiDiscrete):
+        return f"MultiDiscrete({space.nvec.tolist()})"
+    if isinstance(space, spaces.MultiBinary):
+        return f"MultiBinary({space.n})"
+    if isinstance(space, spaces.Dict):
+        return "Dict(" + ", ".join(f"{key}: {describe_space(sub)}" for key, sub in space.spaces.items()) + ")"
+    return type(space).__name__
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import stable_baselines3
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import sb3_trpo
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--threads {args.threads}: must be >= 1.")
     if args.eval_freq < 0:
         raise CliError(f"--eval-freq {args.eval_freq}: must be >= 0 (0 turns periodic evaluation off).")
+    if args.seed is not None:
+        runs.check_seed(args.seed)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     output = args.output if args.output is not None else _next_free(Path("runs"), env_name)
     # one run per folder: files of an earlier run would be read as this run's (its best evaluation in the summary,
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     env_kwargs = settings.env_kwargs or None
     env = runs.make_env(args.env_id, n_envs, seed, env_kwargs=env_kwargs)
     eval_env = runs.make_env(args.env_id, 1, seed + 1_000_000, env_kwargs=env_kwargs)
+    _check_policy_fits(settings.policy, env.observation_space, settings.hyperparams.get("policy_kwargs"), args.env_id)
     if settings.normalize:
         gamma = settings.hyperparams.get("gamma", 0.99)
         env = VecNormalize(env, gamma=gamma)
@@ -165,6 +170,36 @@ def run(args: argparse.Namespace) -> int:
 
     _summary(model, eval_env, output, wall)
     return 0
+
+
+def _check_policy_fits(policy: str, observation_space: spaces.Space, policy_kwargs: Any, env_id: str) -> None:
+    """Refuse a policy that cannot read the environment's observations, which SB3 finds out only by failing to build
+    it (an assertion in its CNN, an ``AttributeError`` in its Dict extractor).
+
+    :param policy: the policy alias
+    :param observation_space: the environment's observation space
+    :param policy_kwargs: the ``policy_kwargs`` hyperparameter, if any
+    :param env_id: the environment, for the message
+    :raises CliError: for ``MultiInputPolicy`` without Dict observations, or ``CnnPolicy`` without images
+    """
+    observes = f"{env_id} observes {runs.describe_space(observation_space)}"
+    is_dict = isinstance(observation_space, spaces.Dict)
+    if policy == "MultiInputPolicy" and not is_dict:
+        raise CliError(f"--hyperparams policy=MultiInputPolicy is for Dict observations; {observes}: use MlpPolicy.")
+    kwargs = policy_kwargs if isinstance(policy_kwargs, dict) else {}
+    if policy != "CnnPolicy" or is_dict or "features_extractor_class" in kwargs:
+        return  # SB3 itself refuses CnnPolicy on Dict observations (ValueError); a custom extractor reads what it reads
+    # SB3's CNN skips its check of dtype and bounds for images said to be normalized already, as SB3 decides it
+    extractor_kwargs = kwargs.get("features_extractor_kwargs")
+    normalized = kwargs.get("normalize_images", True) is False or (
+        isinstance(extractor_kwargs, dict) and bool(extractor_kwargs.get("normalized_image", False))
+    )
+    if not is_image_space(observation_space, check_channels=False, normalized_image=normalized):
+        raise CliError(
+            "--hyperparams policy=CnnPolicy is for image observations (a Box of shape (height, width, channels) or "
+            f"(channels, height, width), uint8 in [0, 255] unless policy_kwargs has normalize_images=False); {observes}: "
+            "use MlpPolicy."
+        )
 
 
 class SaveVecNormalize(BaseCallback):
