@@ -7,6 +7,7 @@ what is collected.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -152,6 +153,9 @@ def lean_collect_rollouts(
     low, high = (model.action_space.low, model.action_space.high) if box_actions else (None, None)  # type: ignore[attr-defined]
 
     n_steps = 0
+    # the locals SB3's loop has from its bootstrap loop on (idx and done after its first step, terminal_obs and
+    # terminal_value after its first truncation): callbacks get them as SB3's locals() gives them
+    loop_locals: dict[str, Any] = {}
     rollout_buffer.reset()
     if model.use_sde:
         policy.reset_noise(env.num_envs)
@@ -198,6 +202,7 @@ def lean_collect_rollouts(
             step_locals["clipped_actions"] = clipped_actions
         else:  # MaskablePPO's names: no clipping (no Box actions), the masks and the flag
             step_locals.update(action_masks=action_masks, use_masking=action_masks_of is not None)
+        step_locals.update(loop_locals)
         callback.update_locals(step_locals)
         if not callback.on_step():
             return False
@@ -214,6 +219,8 @@ def lean_collect_rollouts(
                 with th.no_grad():
                     terminal_value = policy.predict_values(terminal_obs)[0]
                 rewards[idx] += model.gamma * terminal_value
+                loop_locals.update(terminal_obs=terminal_obs, terminal_value=terminal_value)
+        loop_locals.update(idx=idx, done=done)
 
         _store(rollout_buffer, model._last_obs, actions, rewards, model._last_episode_starts, values, log_probs, action_masks)  # type: ignore[arg-type]
         model._last_obs = new_obs  # type: ignore[assignment]
@@ -222,7 +229,7 @@ def lean_collect_rollouts(
     with th.no_grad():
         values = policy.predict_values(obs_as_tensor(new_obs, model.device))  # type: ignore[arg-type]
     rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
-    if not maskable:  # SB3 updates the locals once more; MaskablePPO's loop does not
-        callback.update_locals({"values": values, "dones": dones, "new_obs": new_obs, "n_steps": n_steps})
+    if not maskable:  # SB3 hands its locals over once more, as they are at the end; MaskablePPO's loop does not
+        callback.update_locals({**step_locals, **loop_locals, "actions": actions, "values": values, "n_steps": n_steps})
     callback.on_rollout_end()
     return True

@@ -198,14 +198,14 @@ def critic_features_frozen(policy: ActorCriticPolicy, actor_ids: set[int]) -> bo
 class MlpCriticRegression:
     """:func:`regress_values` for SB3's standard MLP critic, with the backward pass and Adam written out.
 
-    For ``MlpExtractor``'s value branch (``nn.Linear`` layers, each but the last followed by a Tanh, ReLU,
-    LeakyReLU or ELU, not with a negative slope or alpha) and ``value_net``, regressed from precomputed features with ``torch.optim.Adam``. The
-    general path spends most of a minibatch on per-op bookkeeping: autograd's graph, and ``Optimizer.step`` looping
-    over six tensors. Here the critic's parameters, gradients and Adam moments each live in one flat tensor for
-    the whole step, the backward pass is the few matrix products of an MLP's chain rule (with the very backward
-    ops autograd would run), and one Adam update covers all parameters. The results are those of the general
-    path up to float rounding; parameters and optimizer state are written back at the end, in the optimizer's
-    own format, so checkpoints and the undo snapshot see no difference.
+    For ``MlpExtractor``'s value branch (``nn.Linear`` layers, each but the last followed by a Tanh, ReLU, LeakyReLU
+    or ELU, not with a negative slope or alpha) and ``value_net``, regressed from precomputed features with
+    ``torch.optim.Adam``. The general path spends most of a minibatch on per-op bookkeeping: autograd's graph, and
+    ``Optimizer.step`` looping over six tensors. Here the critic's parameters, gradients and Adam moments each live
+    in one flat tensor for the whole step, the backward pass is the few matrix products of an MLP's chain rule (with
+    the very backward ops autograd would run), and one Adam update covers all parameters. The results are those of
+    the general path up to float rounding; parameters and optimizer state are written back at the end, in the
+    optimizer's own format, so checkpoints and the undo snapshot see no difference.
 
     Use :meth:`for_policy`, which returns ``None`` for anything else (the general path then runs).
 
