@@ -6,6 +6,7 @@ highest run. Needs matplotlib (``pip install "sb3-trpo[plot]"``), which is not a
 
 import argparse
 import importlib
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
         groups[_label(folder)].append(read_curve(folder))
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     for label, curves in groups.items():
-        draw(axes, curves, label)
+        if not draw(axes, curves, label):
+            print(
+                f"sb3-trpo plot: note: {label}: the {len(curves)} runs share no evaluated steps: drawn one by one, "
+                "not averaged.",
+                file=sys.stderr,
+            )
     axes.set_xlabel("environment steps")
     axes.set_ylabel("evaluation return")
     axes.set_title(args.title or ", ".join(groups))
@@ -65,25 +71,49 @@ def read_curve(folder: Path) -> Curve:
 
 
 def mean_and_band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, lowest and highest of several curves, on the steps of the first, up to the shortest run's end.
+    """Mean, lowest and highest of several curves, where every run has a value.
 
-    Runs evaluated at other steps are interpolated linearly onto those steps.
+    The steps are all those any run was evaluated at, from the latest first evaluation to the earliest last one;
+    each run is interpolated linearly between its own evaluations onto them, never extrapolated beyond its first
+    or last. The result is the same whatever the order of ``curves``.
 
-    :return: steps, mean, low, high
+    :param curves: the runs' curves, each with increasing steps
+    :return: steps, mean, low, high; all empty if the runs share no range of steps (one run evaluated at 10k, 20k
+        and 30k, another only at 5k)
     """
+    start = max(steps[0] for steps, _ in curves)
     end = min(steps[-1] for steps, _ in curves)
-    grid = curves[0][0][curves[0][0] <= end]
+    every_step = np.unique(np.concatenate([steps for steps, _ in curves]))  # sorted: independent of the order
+    grid = every_step[(every_step >= start) & (every_step <= end)]
+    if grid.size == 0:
+        empty = np.empty(0)
+        return grid, empty, empty.copy(), empty.copy()
     values = np.stack([np.interp(grid, steps, returns) for steps, returns in curves])
     return grid, values.mean(axis=0), values.min(axis=0), values.max(axis=0)
 
 
-def draw(axes: Any, curves: list[Curve], label: str, color: str | None = None) -> None:
-    """Draw the mean of ``curves`` and, for several runs, the band between the lowest and the highest."""
+def draw(axes: Any, curves: list[Curve], label: str, color: str | None = None) -> bool:
+    """Draw the mean of ``curves`` and, for several runs, the band between the lowest and the highest; runs that
+    share no range of steps have no mean, and are drawn one by one in one colour.
+
+    :param axes: matplotlib axes
+    :param curves: the runs' curves
+    :param label: the legend's label of the curve
+    :param color: its colour (default: the next of matplotlib's cycle)
+    :return: whether the runs were averaged (a single run counts as averaged)
+    """
     steps, mean, low, high = mean_and_band(curves)
+    if steps.size == 0:
+        for number, (run_steps, returns) in enumerate(curves):
+            text = f"{label} ({len(curves)} runs, not averaged: no steps in common)" if number == 0 else None
+            (line,) = axes.plot(run_steps, returns, color=color, label=text, marker=".")
+            color = line.get_color()  # one colour for the runs of one environment
+        return False
     runs_text = f"{len(curves)} runs, mean and min-max" if len(curves) > 1 else "1 run"
     (line,) = axes.plot(steps, mean, color=color, label=f"{label} ({runs_text})")
     if len(curves) > 1:
         axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+    return True
 
 
 def _label(folder: Path) -> str:
