@@ -152,7 +152,7 @@ class TRPO(OnPolicyAlgorithm):
         ``ActorCriticPolicy`` subclass)
     :param env: The environment to learn from (if registered in Gym, can be str)
     :param learning_rate: Learning rate of the critic's optimizer (the actor has no learning rate: its step is
-        set by the trust region). Can be a function of the remaining progress (from 1 to 0). Default ``1e-3``.
+        set by the trust region), >= 0. Can be a function of the remaining progress (from 1 to 0). Default ``1e-3``.
     :param n_steps: Number of steps to run for each environment per update (the rollout holds
         ``n_steps * n_envs`` samples). Default ``2048``.
     :param batch_size: Minibatch size of the critic regression. Default ``128``.
@@ -183,7 +183,7 @@ class TRPO(OnPolicyAlgorithm):
         the reported success rate, mean episode length, and mean reward over. Default ``100``.
     :param tensorboard_log: The log location for TensorBoard (if None, no logging).
     :param policy_kwargs: Additional arguments to be passed to the policy on creation.
-    :param verbose: Verbosity level: 0 no output, 1 info, 2 debug.
+    :param verbose: Verbosity level: 0 no output, 1 info, 2 (or more) debug.
     :param seed: Seed for the pseudo random generators.
     :param device: Device (cpu, cuda, ...) on which the code should be run; ``"auto"`` uses the GPU if any.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance.

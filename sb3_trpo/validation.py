@@ -51,14 +51,20 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, (bool, np.bool_))
 
 
-def _positive_or_schedule(v: Any) -> bool:
-    if callable(v):
-        try:
-            values = [float(v(progress)) for progress in (1.0, 0.5, 0.0)]
-        except Exception:  # any failure of the user's schedule makes it invalid
-            return False
-        return all(math.isfinite(x) and x >= 0 for x in values) and values[0] > 0
-    return is_real(v) and v > 0
+def _non_negative_or_schedule(positive_start: bool) -> Callable[[Any], bool]:
+    """:return: a check for a finite number >= 0 or a schedule of such numbers, > 0 (at the start) if
+    ``positive_start``"""
+
+    def check(v: Any) -> bool:
+        if callable(v):
+            try:
+                values = [float(v(progress)) for progress in (1.0, 0.5, 0.0)]
+            except Exception:  # any failure of the user's schedule makes it invalid
+                return False
+            return all(math.isfinite(x) and x >= 0 for x in values) and (values[0] > 0 or not positive_start)
+        return is_real(v) and (v > 0 or (v == 0 and not positive_start))
+
+    return check
 
 
 def _valid_device(v: Any) -> bool:
@@ -120,9 +126,11 @@ class Rule(NamedTuple):
 
 
 RULES: dict[str, Rule] = {
+    # 0 is allowed, as sb3-contrib allows it: a critic that does not learn is odd but harmless; a negative rate would
+    # climb the value loss
     "learning_rate": Rule(
-        _positive_or_schedule,
-        "a finite number > 0, or a schedule (progress 1 -> 0) whose values are finite, >= 0, and > 0 at the start",
+        _non_negative_or_schedule(positive_start=False),
+        "a finite number >= 0, or a schedule (progress 1 -> 0) whose values are finite and >= 0",
     ),
     "n_steps": Rule(*_int_at_least(1)),
     "batch_size": Rule(*_int_at_least(1)),
@@ -139,7 +147,7 @@ RULES: dict[str, Rule] = {
     "rollout_buffer_kwargs": Rule(lambda v: v is None or isinstance(v, dict), "None or a dict"),
     "normalize_advantage": Rule(_is_bool, "True or False"),
     "target_kl": Rule(
-        _positive_or_schedule,
+        _non_negative_or_schedule(positive_start=True),
         "a finite number > 0, or a schedule (progress 1 -> 0) whose values are finite, >= 0, and > 0 at the start",
     ),
     "sub_sampling_factor": Rule(*_int_at_least(1)),
@@ -148,7 +156,8 @@ RULES: dict[str, Rule] = {
     "stats_window_size": Rule(*_int_at_least(1)),
     "tensorboard_log": Rule(lambda v: v is None or isinstance(v, (str, os.PathLike)), "None or a folder path"),
     "policy_kwargs": Rule(lambda v: v is None or isinstance(v, dict), "None or a dict"),
-    "verbose": Rule(lambda v: is_int(v) and v in (0, 1, 2), "0, 1 or 2"),
+    # SB3 prints info from 1 on and debug output from 2 on: every larger level is accepted, as SB3 accepts it
+    "verbose": Rule(lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 silent, 1 info, 2 or more debug)"),
     "seed": Rule(lambda v: v is None or (is_int(v) and 0 <= v < 2**32), "None or an integer in [0, 2**32 - 1]"),
     "device": Rule(_valid_device, '"auto", a torch device name such as "cpu" or "cuda:0", or a torch.device'),
 }

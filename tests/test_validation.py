@@ -18,7 +18,7 @@ from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv
 NAN, INF = math.nan, math.inf
 
 BAD_VALUES = {
-    "learning_rate": [0.0, -1e-3, NAN, INF, "1e-3", True, lambda p: -1.0, lambda p: NAN * p, lambda p: 1 / 0],
+    "learning_rate": [-1e-3, NAN, INF, "1e-3", True, lambda p: -1.0, lambda p: NAN * p, lambda p: 1 / 0],
     "n_steps": [0, -5, 2.5, 2048.0, True, None, "2048"],
     "batch_size": [0, -1, 64.0, False],
     "gamma": [-0.1, 1.01, NAN, INF, "0.99", None],
@@ -40,12 +40,15 @@ BAD_VALUES = {
     "stats_window_size": [0, 2.0],
     "tensorboard_log": [1, ["runs"]],
     "policy_kwargs": [[], "net_arch=[64]"],
-    "verbose": [3, -1, 1.0, True],
+    "verbose": [-1, 1.0, True, "1"],
     "seed": [-1, 2**32, 1.5, "0"],
     "device": ["gpu0", "not-a-device", 3, None],
 }
 GOOD_VALUES = {
-    "learning_rate": [3e-4, np.float32(1e-3), lambda p: 1e-3 * p],
+    # 0 (a critic that does not learn) and a schedule that starts at 0, as sb3-contrib accepts them
+    "learning_rate": [3e-4, np.float32(1e-3), lambda p: 1e-3 * p, 0.0, 0, lambda p: 0.0],
+    # SB3 prints debug output from 2 on: every level above it is debug too
+    "verbose": [0, 2, 3, np.int64(5)],
     "n_steps": [16, np.int64(16)],
     "gamma": [0.0, 1.0],
     "cg_damping": [0.0],
@@ -103,3 +106,12 @@ def test_rollout_buffer_must_fit_the_observations():
         TRPO("MultiInputPolicy", dict_env, rollout_buffer_class=RolloutBuffer)
     with pytest.raises(ValueError, match=r"rollout_buffer_class=DictRolloutBuffer is not allowed .* non-Dict RolloutBuffer"):
         TRPO("MlpPolicy", RandomEnv(BOX_OBS, ACTION_SPACES["discrete"]), rollout_buffer_class=DictRolloutBuffer)
+
+
+def test_a_zero_learning_rate_trains_the_policy_and_leaves_the_critic():
+    model = TRPO("MlpPolicy", RandomEnv(BOX_OBS, ACTION_SPACES["box"]), learning_rate=0.0, n_steps=64, batch_size=32, seed=0)
+    value_net = model.policy.value_net.weight.detach().clone()
+    action_net = model.policy.action_net.weight.detach().clone()
+    model.learn(64)
+    assert th.equal(model.policy.value_net.weight, value_net)
+    assert not th.equal(model.policy.action_net.weight, action_net)
