@@ -85,7 +85,7 @@ def add_gym_packages_argument(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         # nargs="+" would also take ENV_ID if the option came first: hence after ENV_ID, or closed by --
         help="modules to import before ENV_ID is looked up, for packages that register environments when imported "
-        "(give it after ENV_ID, or end the list with --)",
+        "(give it after ENV_ID, or last as --gym-packages MODULE ... -- ENV_ID)",
     )
 
 
