@@ -9,6 +9,7 @@ target and renamed over it (an atomic replace), and a file is checked before SB3
 import io
 import os
 import pathlib
+import stat
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -27,16 +28,21 @@ def save_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter]
     """Write a file through ``write`` into a temporary file, then rename it over the target.
 
     If ``write`` fails or is interrupted, the target keeps its previous content and no temporary file is left.
+    What writing in place would keep is kept: a symlink stays a link (the file it points to is replaced), and an
+    existing file keeps its permissions (a new one gets those ``open`` gives).
 
     :param path: the target path (``.zip`` is appended when it has no suffix, as SB3 does)
     :param write: writes the whole content into the given binary file
-    :return: the path written
+    :return: the path written (for a symlink, the file it points to)
     """
-    target = resolve_save_path(path)
+    # a rename over a symlink would replace the link itself: rename over the file the link resolves to instead
+    target = pathlib.Path(os.path.realpath(resolve_save_path(path)))
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         with partial.open("wb") as file:
+            if target.exists():  # a new file gets the default permissions: give it the checkpoint's
+                os.chmod(file.fileno(), stat.S_IMODE(target.stat().st_mode))
             write(file)
             file.flush()
             os.fsync(file.fileno())

@@ -1,6 +1,7 @@
 """Checkpoints: damaged files are named as such, saving is atomic, sb3-contrib models migrate, training resumes."""
 
 import io
+import stat
 import warnings
 import zipfile
 
@@ -111,6 +112,39 @@ def test_save_adds_the_suffix_and_creates_folders(saved, tmp_path):
     buffer = io.BytesIO()
     model.save(buffer)
     assert zipfile.is_zipfile(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("suffix", ["model.zip", "model"], ids=["with-suffix", "suffix-added"])
+def test_save_over_a_symlink_writes_the_file_it_points_to(saved, tmp_path, suffix):
+    _, model = saved
+    real = tmp_path / "store" / "model.zip"
+    real.parent.mkdir()
+    real.write_bytes(b"an older checkpoint")
+    link = tmp_path / "latest.zip"
+    link.symlink_to(real)
+    model.save(tmp_path / ("latest.zip" if suffix == "model.zip" else "latest"))
+    assert link.is_symlink(), "the link was replaced by a file"
+    assert link.resolve() == real.resolve()
+    assert zipfile.is_zipfile(real)
+    assert not [p.name for p in tmp_path.rglob(".*partial*")]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o664])
+def test_save_over_a_file_keeps_its_permissions(saved, tmp_path, mode):
+    _, model = saved
+    path = tmp_path / "model.zip"
+    path.write_bytes(b"an older checkpoint")
+    path.chmod(mode)
+    model.save(path)
+    assert zipfile.is_zipfile(path)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_a_new_file_gets_the_permissions_open_gives(saved, tmp_path):
+    _, model = saved
+    model.save(tmp_path / "model.zip")
+    (tmp_path / "plain").write_bytes(b"")
+    assert stat.S_IMODE((tmp_path / "model.zip").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
 
 
 def test_sb3_contrib_model_loads_and_acts_identically(tmp_path):
