@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from sb3_trpo.distributions import DistributionParams, Family, distribution_params
 from sb3_trpo.fisher import MlpFisherProduct, MlpLayer
-from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers
+from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers, methods_replaced_on_instances
 
 #: the distributions of the written-out Fisher product (exact types; gSDE's std depends on the state)
 _MLP_FISHER_DISTRIBUTIONS: list[type] = [
@@ -266,6 +266,8 @@ def mlp_fisher_product(
     if not any(all(getattr(type(policy), m) is getattr(ref, m) for m in _STANDARD_METHODS) for ref in _STANDARD_POLICIES):
         return None
     if type(policy.mlp_extractor) is not MlpExtractor or type(policy.action_dist) not in _MLP_FISHER_DISTRIBUTIONS:
+        return None
+    if methods_replaced_on_instances(policy):  # e.g. policy.get_distribution = ...: the classes' methods do not run
         return None
     layers = linear_layers([*policy.mlp_extractor.policy_net, policy.action_net])
     if layers is None or layers[-1][1] is not None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo.distributed import Replica
-from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers
+from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers, methods_replaced_on_instances
 
 #: device types on which ``torch.optim.Adam(fused=True)`` runs (the critic's default optimizer uses it there)
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
@@ -186,6 +186,8 @@ def register_standard_predict_values(predict_values: Callable[..., th.Tensor]) -
 
 
 def _standard_values(policy: BasePolicy) -> bool:
+    if methods_replaced_on_instances(policy):  # e.g. policy.predict_values = ...: the class's method does not run
+        return False
     return any(type(policy).predict_values is f for f in _STANDARD_PREDICT_VALUES)  # type: ignore[attr-defined]
 
 

@@ -27,6 +27,8 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo.mlp import methods_replaced_on_instances
+
 #: The action distributions the lean forward computes (exact types: a subclass may change the computation)
 _COVERED_DISTRIBUTIONS = (
     DiagGaussianDistribution,
@@ -143,6 +145,9 @@ def lean_collection_gap(
     for method in _REPEATED_METHODS:
         if getattr(type(policy), method) is not getattr(reference, method):
             return f"the policy class {type(policy).__name__} overrides {method}"
+    replaced = methods_replaced_on_instances(policy)
+    if replaced:
+        return f"the policy replaces {replaced[0].rpartition('.')[2]} on the instance ({replaced[0]})"
     if type(policy.mlp_extractor) is not MlpExtractor:
         return f"the policy's mlp_extractor is a {type(policy.mlp_extractor).__name__}, not SB3's MlpExtractor"
     nets = (policy.mlp_extractor.policy_net, policy.mlp_extractor.value_net)
@@ -192,7 +197,7 @@ class LeanForward:
         self._on_cpu = policy.device.type == "cpu"
         # what the sampler needs of log_std alone (Gaussian: std and its log-density terms; gSDE: the variance
         # matrix), recomputed only when log_std changes: once per rollout in training, never per step
-        self._log_std_version = -1
+        self._log_std_seen: th.Tensor | None = None
         self._log_std_terms: tuple[th.Tensor, np.ndarray, np.ndarray]
         space = policy.observation_space
         # flat Box observations through FlattenExtractors: their float32 batches are the features themselves
@@ -248,14 +253,15 @@ class LeanForward:
         latent features, so they are computed per step).
         """
         log_std = self.policy.log_std
-        if self._log_std_version != log_std._version:
+        # compared by value: a write through log_std.data (a callback's) leaves autograd's version counter as it was
+        if self._log_std_seen is None or not th.equal(self._log_std_seen, log_std):
             distribution = self.policy.action_dist
             if isinstance(distribution, StateDependentNoiseDistribution):
                 self._log_std_terms = distribution.get_std(log_std) ** 2, np.empty(0), np.empty(0)
             else:
                 std = log_std.exp()
                 self._log_std_terms = std, (2 * std**2).cpu().numpy(), std.log().cpu().numpy()
-            self._log_std_version = log_std._version
+            self._log_std_seen = log_std.detach().clone()
         return self._log_std_terms
 
     @staticmethod

@@ -22,6 +22,22 @@ ACTIVATION_DERIVATIVES: dict[type[nn.Module], ActivationDerivative] = {
 }
 
 
+def methods_replaced_on_instances(module: nn.Module) -> list[str]:
+    """The methods that ``module`` or one of its submodules replaces on the instance (``policy.forward = ...``).
+
+    The fast paths repeat what the classes' methods compute, so they check the classes; a method assigned to an
+    instance shadows its class's, and only this finds it.
+
+    :return: ``"submodule.method"`` names (``"method"`` for ``module`` itself), empty for ordinary modules
+    """
+    return [
+        f"{name}.{attribute}" if name else attribute
+        for name, submodule in module.named_modules()
+        for attribute, value in vars(submodule).items()
+        if callable(value) and callable(getattr(type(submodule), attribute, None))
+    ]
+
+
 def derivative_from_output(module: nn.Module) -> bool:
     """:return: whether ``module`` is a covered activation whose derivative its output tells: a LeakyReLU with a
     negative slope (or an ELU with a negative alpha) gives positive outputs on both sides of 0, so ``h`` no longer
@@ -40,11 +56,12 @@ def linear_layers(modules: list[nn.Module]) -> list[tuple[nn.Linear, nn.Module |
 
     :param modules: e.g. an ``MlpExtractor`` branch followed by a head
     :return: the groups, or ``None`` if the stack holds anything but biased ``nn.Linear`` layers each followed by
-        at most one covered activation (see :func:`derivative_from_output`), or if a module has forward hooks
+        at most one covered activation (see :func:`derivative_from_output`), or if a module has forward hooks or its
+        own ``forward`` on the instance
     """
     layers: list[tuple[nn.Linear, nn.Module | None]] = []
     for module in modules:
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or "forward" in vars(module):
             return None
         if type(module) is nn.Linear and module.bias is not None:
             layers.append((module, None))

@@ -307,15 +307,33 @@ def _hooked(fast: bool) -> TRPO:
     return model
 
 
+def _instance_forward(fast: bool) -> TRPO:
+    """A policy whose forward is replaced on the instance, not the class."""
+    model = random_env_model(OBSERVATION_SPACES["box"], ACTION_SPACES["box"])(fast)
+    forward = model.policy.forward
+    model.policy.forward = lambda obs, deterministic=False: forward(obs, deterministic)
+    return model
+
+
+def _instance_layer_forward(fast: bool) -> TRPO:
+    """A layer of the policy whose forward is replaced on the instance."""
+    model = random_env_model(OBSERVATION_SPACES["box"], ACTION_SPACES["box"])(fast)
+    action_net = model.policy.action_net
+    model.policy.action_net.forward = lambda x: th.nn.Linear.forward(action_net, x) * 0.5
+    return model
+
+
 @pytest.mark.parametrize(
     ("make_model", "reason"),
     [
         (_small_model("CartPole-v1", OwnForwardPolicy), "overrides forward"),
+        (_instance_forward, "replaces forward on the instance"),
+        (_instance_layer_forward, "replaces forward on the instance"),
         (_small_model("CartPole-v1", rollout_buffer_class=OwnBuffer), "rollout buffer class OwnBuffer"),
         (_hooked, "forward hooks"),
         (_small_model("Pendulum-v1", use_sde=True, policy_kwargs={"squash_output": True}), "squashed actions"),
     ],
-    ids=["own-forward", "own-buffer", "hooks", "squashed-gsde"],
+    ids=["own-forward", "instance-forward", "instance-layer-forward", "own-buffer", "hooks", "squashed-gsde"],
 )
 def test_what_the_lean_loop_does_not_cover_falls_back_to_sb3(make_model, reason, monkeypatch):
     model = make_model(True)
@@ -374,3 +392,28 @@ def test_non_finite_observations_raise_the_same_error_before_the_env_steps_again
             model.learn(16)
         assert type(error.value).__name__ == "NonFiniteRolloutError"
         assert model.num_timesteps == 5
+
+
+class MoveLogStdThroughData(BaseCallback):
+    """Changes log_std in place through ``.data`` every 5 steps: autograd's version counter does not see it."""
+
+    def _on_step(self) -> bool:
+        if self.n_calls % 5 == 0:
+            self.model.policy.log_std.data.add_(0.25)
+        return True
+
+
+def test_log_std_changed_through_data_mid_rollout_is_sampled_as_sb3_samples_it():
+    results = []
+    for fast in (True, False):
+        model = random_env_model(OBSERVATION_SPACES["box"], ACTION_SPACES["box"])(fast)
+        model.learn(48, callback=MoveLogStdThroughData())
+        assert model._collection_gap is None or not fast
+        buffer = model.rollout_buffer
+        results.append(
+            (buffer.actions.copy(), buffer.log_probs.copy(), th.cat([p.detach().flatten() for p in model.policy.parameters()]))
+        )
+    (fast_actions, fast_log_probs, fast_params), (sb3_actions, sb3_log_probs, sb3_params) = results
+    assert np.array_equal(fast_actions, sb3_actions)
+    assert np.array_equal(fast_log_probs, sb3_log_probs)
+    assert th.equal(fast_params, sb3_params)

@@ -190,6 +190,15 @@ def test_fast_mlp_critic_declines_custom_values_and_hooks():
     assert critic.MlpCriticRegression.for_policy(model.policy, *critic_setup(model.policy)) is not None
     model.policy.value_net.register_forward_hook(lambda module, inputs, output: output)
     assert critic.MlpCriticRegression.for_policy(model.policy, *critic_setup(model.policy)) is None
+    # methods replaced on the instance, not the class
+    model = model_for()
+    predict_values = model.policy.predict_values
+    model.policy.predict_values = lambda obs: predict_values(obs) + 1.0
+    assert critic.MlpCriticRegression.for_policy(model.policy, *critic_setup(model.policy)) is None
+    model = model_for()
+    value_net = model.policy.value_net
+    value_net.forward = lambda x: th.nn.Linear.forward(value_net, x) + 1.0
+    assert critic.MlpCriticRegression.for_policy(model.policy, *critic_setup(model.policy)) is None
 
 
 def test_training_uses_the_fast_critic_and_its_state_survives_a_checkpoint(tmp_path, monkeypatch):

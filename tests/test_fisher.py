@@ -224,6 +224,14 @@ def test_the_written_out_mlp_product_declines_hooks_and_trainable_extractors():
     assert mlp_fisher_product(ActorView(policy, obs), obs, DAMPING) is None
     cnn_like = tiny_policy(ACTION_SPACES["discrete"], features_extractor_class=ValueEmbedding)
     assert mlp_fisher_product(ActorView(cnn_like, obs), obs, DAMPING) is None
+    # methods replaced on the instance, not the class: the written-out product would not compute what they do
+    own_distribution = tiny_policy(ACTION_SPACES["box"])
+    get_distribution = own_distribution.get_distribution
+    own_distribution.get_distribution = lambda obs: get_distribution(obs)
+    assert mlp_fisher_product(ActorView(own_distribution, obs), obs, DAMPING) is None
+    own_layer = tiny_policy(ACTION_SPACES["box"])
+    own_layer.action_net.forward = lambda x: th.nn.Linear.forward(own_layer.action_net, x) * 0.5
+    assert mlp_fisher_product(ActorView(own_layer, obs), obs, DAMPING) is None
 
 
 @pytest.mark.parametrize(
