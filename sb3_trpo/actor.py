@@ -251,9 +251,8 @@ def mlp_fisher_product(
     parameters, SB3's ``MlpExtractor`` policy branch (biased ``nn.Linear`` layers with Tanh, ReLU, LeakyReLU or
     ELU, not with a negative slope or alpha), a biased linear ``action_net``, and a diagonal Gaussian (``log_std``
     trainable or frozen), Categorical, MultiCategorical or Bernoulli distribution, with every layer's parameters in
-    the actor. Anything else (gSDE,
-    a custom policy or extractor, frozen layers, hooks) returns ``None`` and TRPO uses
-    :class:`~sb3_trpo.fisher.JacobianFisherProduct`.
+    the actor. Anything else (gSDE, a custom policy or extractor, frozen layers, hooks, methods replaced on an
+    instance) returns ``None`` and TRPO uses :class:`~sb3_trpo.fisher.JacobianFisherProduct`.
 
     :param view: the actor view (its flat layout is the product's)
     :param obs: the states of the Fisher matrix
