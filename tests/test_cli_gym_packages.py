@@ -1,7 +1,10 @@
 """A user's own environment on the command line: gymnasium's ``MODULE:ENV_ID`` and rl-zoo3's ``--gym-packages``."""
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium
 import pytest
@@ -108,3 +111,48 @@ def test_a_module_that_does_not_register_the_id_is_an_unknown_environment(unregi
 def test_a_preset_is_found_by_the_id_part_of_module_colon_id():
     assert preset_for("gymnasium.envs:CartPole-v1") == preset_for("CartPole-v1")
     assert preset_for("my_package.envs:Hopper-v4") == preset_for("Hopper-v5")
+
+
+USER_MODULE = """
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+class Coin(gym.Env):
+    metadata = {"render_modes": ["rgb_array"]}
+    observation_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), float(action), False, False, {}
+
+
+gym.register("UserCoin-v0", entry_point=Coin, max_episode_steps=8)
+"""
+
+
+@pytest.mark.parametrize("form", ["module-colon-id", "gym-packages"])
+def test_the_console_script_finds_a_module_in_the_working_directory(tmp_path, form):
+    """``python -m`` puts the working directory on the import path, a console script does not: a user's module beside
+    them must be found by ``sb3-trpo`` all the same, as ``gymnasium.make("my_envs:...")`` finds it in their script."""
+    (tmp_path / "my_envs.py").write_text(USER_MODULE)
+    script = Path(sys.executable).with_name("sb3-trpo")
+    env = ["my_envs:UserCoin-v0"] if form == "module-colon-id" else ["UserCoin-v0", "--gym-packages", "my_envs"]
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    train = subprocess.run(
+        [str(script), "train", *env, "--output", "run", *TINY], cwd=tmp_path, capture_output=True, text=True, env=environment
+    )
+    assert train.returncode == 0, train.stderr
+    evaluation = subprocess.run(
+        [str(script), "eval", "run", "--episodes", "1"], cwd=tmp_path, capture_output=True, text=True, env=environment
+    )
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert evaluation.stdout.startswith(f"{env[0]}: return ")

@@ -3,6 +3,8 @@
 import argparse
 import importlib
 import json
+import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -62,13 +64,17 @@ def import_gym_packages(modules: Iterable[str]) -> None:
     :param modules: module names, e.g. ``my_package.envs``
     :raises CliError: for a module that cannot be imported
     """
+    # `python -m sb3_trpo` searches the working directory first, the `sb3-trpo` console script does not (its own
+    # folder is first on sys.path): a user's module beside them is found either way, as their own scripts find it
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as error:
             raise CliError(
-                f"cannot import {module!r} ({error}): give a module that is installed or on PYTHONPATH and registers "
-                "its environments with gymnasium.register when imported."
+                f"cannot import {module!r} ({error}): give a module that is installed, in the working directory or on "
+                "PYTHONPATH, and registers its environments with gymnasium.register when imported."
             ) from None
 
 
