@@ -32,6 +32,10 @@ TRAIN = ["train", "CartPole-v1", "--timesteps", "256", "--eval-freq", "128", "--
     ("argv", "message"),
     [
         ([*TRAIN, "--seed", "-1"], "--seed -1: must be an integer from 0 to 4294967295"),
+        (
+            ["train", "tests.cli_envs.tiny:CliTupleActions-v0", *TINY],
+            "environment tests.cli_envs.tiny:CliTupleActions-v0: TRPO does not support the action space Tuple",
+        ),
         ([*TRAIN, "--seed", str(2**32)], "--seed 4294967296: must be an integer from 0 to 4294967295"),
         (["eval", "RUNS/plain", "--seed", "-1"], "--seed -1: must be an integer from 0 to 4294967295"),
         ([*TRAIN, "--hyperparams", "policy=CnnPolicy"], "policy=CnnPolicy is for image observations"),

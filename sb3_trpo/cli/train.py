@@ -22,6 +22,7 @@ import sb3_trpo
 from sb3_trpo.cli import runs
 from sb3_trpo.cli.presets import CliError, apply_overrides, model_kwargs, preset_for
 from sb3_trpo.trpo import TRPO
+from sb3_trpo.validation import check_spaces
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     env_kwargs = settings.env_kwargs or None
     env = runs.make_env(args.env_id, n_envs, seed, env_kwargs=env_kwargs)
     eval_env = runs.make_env(args.env_id, 1, seed + 1_000_000, env_kwargs=env_kwargs)
+    try:  # the environment's own mistake, not the hyperparameters' (TRPO's constructor would say the same later)
+        check_spaces(env.observation_space, env.action_space)
+    except ValueError as error:
+        raise CliError(f"environment {args.env_id}: {error}") from None
     _check_policy_fits(settings.policy, env.observation_space, settings.hyperparams.get("policy_kwargs"), args.env_id)
     if settings.normalize:
         gamma = settings.hyperparams.get("gamma", 0.99)
