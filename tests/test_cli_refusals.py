@@ -33,8 +33,8 @@ TRAIN = ["train", "CartPole-v1", "--timesteps", "256", "--eval-freq", "128", "--
     [
         ([*TRAIN, "--seed", "-1"], "--seed -1: must be an integer from 0 to 4294967295"),
         (
-            ["train", "tests.cli_envs.tiny:CliTupleActions-v0", *TINY],
-            "environment tests.cli_envs.tiny:CliTupleActions-v0: TRPO does not support the action space Tuple",
+            ["train", "tests.cli_envs.tuple_actions:CliTupleActions-v0", *TINY],
+            "environment tests.cli_envs.tuple_actions:CliTupleActions-v0: TRPO does not support the action space Tuple",
         ),
         ([*TRAIN, "--seed", str(2**32)], "--seed 4294967296: must be an integer from 0 to 4294967295"),
         (["eval", "RUNS/plain", "--seed", "-1"], "--seed -1: must be an integer from 0 to 4294967295"),

@@ -45,14 +45,4 @@ class TinyEnv(gym.Env):
         return self.np_random.uniform(-1.0, 1.0, (1,)).astype(np.float32)
 
 
-class TupleActionsEnv(TinyEnv):
-    """The same task with a ``Tuple`` action space, which TRPO does not support (the command line must say so)."""
-
-    action_space = spaces.Tuple((spaces.Discrete(2), spaces.Discrete(2)))
-
-    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        return super().step(action[0])
-
-
 gym.register(id=ENV_ID, entry_point=TinyEnv, max_episode_steps=EPISODE_STEPS)
-gym.register(id="CliTupleActions-v0", entry_point=TupleActionsEnv, max_episode_steps=EPISODE_STEPS)
