@@ -5,7 +5,7 @@ import math
 import os
 import pathlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
@@ -28,7 +28,7 @@ from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
-from sb3_trpo.actor import ActorView, PolicyEvaluation, mlp_fisher_product
+from sb3_trpo.actor import ActorView
 from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.collection import (
     NonFiniteRolloutError,
@@ -61,11 +61,9 @@ from sb3_trpo.distributed import (
     local_world_size,
     synchronize_running_stats,
 )
-from sb3_trpo.distributions import kl_divergence
-from sb3_trpo.fisher import JacobianFisherProduct
 from sb3_trpo.lean_forward import lean_collection_gap
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
-from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
+from sb3_trpo.policy_step import FeedForwardEvaluator, PolicyStepResult, StepSettings, trust_region_step
 from sb3_trpo.validation import check_against_spaces, check_arguments, check_spaces
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
@@ -93,46 +91,6 @@ class RolloutBatch(NamedTuple):
     returns: th.Tensor
     old_values: th.Tensor
     action_masks: th.Tensor | None = None
-
-
-class PolicyStepResult(NamedTuple):
-    """Diagnostics of one trust-region policy step (see the README for their meaning).
-
-    :param policy_objective: surrogate at the new parameters (the old ones if the step was rejected)
-    :param kl_divergence: mean KL(old || new) of the accepted step, 0 if rejected
-    :param accepted: whether the line search accepted a step
-    :param surrogate_improvement: actual surrogate change, 0 if rejected
-    :param expected_improvement: first-order prediction ``g · Δθ`` of the accepted step, 0 if rejected
-    :param line_search_steps: number of backtracks taken
-    :param step_size: multiple of the natural-gradient direction that was applied, 0 if rejected
-    :param cg_residual: ``||g - (F + λI) x|| / ||g||`` after conjugate gradient
-    :param entropy: mean entropy of the policy after the step
-    """
-
-    policy_objective: float
-    kl_divergence: float
-    accepted: bool
-    surrogate_improvement: float
-    expected_improvement: float
-    line_search_steps: int
-    step_size: float
-    cg_residual: float
-    entropy: float
-
-    @classmethod
-    def unchanged(cls, objective: float, line_search_steps: int, cg_residual: float, entropy: float) -> "PolicyStepResult":
-        """The diagnostics of a step that kept the old policy."""
-        return cls(
-            policy_objective=objective,
-            kl_divergence=0.0,
-            accepted=False,
-            surrogate_improvement=0.0,
-            expected_improvement=0.0,
-            line_search_steps=line_search_steps,
-            step_size=0.0,
-            cg_residual=cg_residual,
-            entropy=entropy,
-        )
 
 
 class TRPO(OnPolicyAlgorithm):
@@ -542,17 +500,6 @@ class TRPO(OnPolicyAlgorithm):
             if count:
                 raise non_finite_rollout_error(what, int(count))
 
-    def _skip_policy_step(self, reason: str, old_objective: float, old_entropy: th.Tensor) -> PolicyStepResult:
-        """Keep the old policy because a numerical fault made the step meaningless; warn and count it."""
-        self._skipped_policy_steps += 1
-        warnings.warn(
-            f"TRPO skipped the policy step of update {self._n_updates + 1}: {reason}. The policy is unchanged "
-            f"({self._skipped_policy_steps} policy steps skipped so far, logged as train/skipped_policy_steps).",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return PolicyStepResult.unchanged(old_objective, 0, math.nan, old_entropy.mean().item())
-
     def _rollout_batch(self) -> RolloutBatch:
         """The whole rollout buffer as one batch (SB3 computed GAE advantages and returns at collection)."""
         data = next(self.rollout_buffer.get(batch_size=None))
@@ -633,110 +580,34 @@ class TRPO(OnPolicyAlgorithm):
         return value
 
     def _policy_step(self, actor: ActorView, batch: RolloutBatch, target_kl: float) -> PolicyStepResult:
-        """One trust-region step: gradient → conjugate gradient → max step → line search → commit.
-
-        The policy's parameters change only in the final commit, and only if a step was accepted.
+        """One trust-region step on the rollout (:func:`~sb3_trpo.policy_step.trust_region_step`); a step a numerical
+        fault made meaningless keeps the old policy, with a warning and a counter.
 
         :param target_kl: the trust-region radius of this update (0: no step)
         """
-        obs, actions, masks = batch.observations, batch.actions, batch.action_masks
-        theta_old = actor.flat()
-
-        def surrogate(log_prob: th.Tensor) -> th.Tensor:
-            # L(θ) = E[π_θ(a|s) / π_old(a|s) · A] (TRPO paper, eq. 14)
-            return (th.exp(log_prob - batch.old_log_prob) * batch.advantages).mean()
-
-        # the Fisher matrix is estimated on every k-th state with sub-sampling ("cheap Fisher", Schulman's thesis
-        # pp. 40-42); for SB3's MLP actor its products are written out, otherwise they run on autograd's graph
-        fisher_idx = slice(None, None, self.sub_sampling_factor)
-        fisher_obs = obs if self.sub_sampling_factor == 1 else index_obs(obs, fisher_idx)
-        fisher_masks = None if masks is None else masks[fisher_idx]
-        mlp_fisher = mlp_fisher_product(actor, fisher_obs, self.cg_damping, fisher_masks)
-
-        # 1. gradient of the surrogate w.r.t. the actor parameters; the forward pass is kept for the Fisher
-        theta = theta_old.clone().requires_grad_(True)
-        current = actor.evaluate(theta, obs, actions, masks)
-        objective = surrogate(current.log_prob)
-        (gradient,) = th.autograd.grad(objective, theta, retain_graph=mlp_fisher is None)
-        # data parallel: the global surrogate and its gradient are the means over ranks (one all-reduce)
-        reduced = self._replica.mean(th.cat([gradient, objective.detach().reshape(1)]))
-        gradient, old_objective = reduced[:-1], reduced[-1].item()
-        old_params = current.params.detach()
-        old_entropy = _entropy(current)
-        if not math.isfinite(old_objective) or not bool(th.isfinite(gradient).all()):
-            return self._skip_policy_step("the surrogate or its gradient is not finite", old_objective, old_entropy)
-        if target_kl == 0.0:  # a schedule that reached 0: no step, as asked (not a skipped step)
-            return PolicyStepResult.unchanged(old_objective, 0, math.nan, old_entropy.mean().item())
-
-        # 2. natural-gradient direction x ≈ (F + λI)⁻¹ g
-        local_fisher: Callable[[th.Tensor], th.Tensor]
-        if mlp_fisher is not None:
-            local_fisher = mlp_fisher
-        elif self.sub_sampling_factor == 1:
-            local_fisher = JacobianFisherProduct(theta, current.params, damping=self.cg_damping)
-        else:  # a forward pass on the sub-sampled states
-            fisher_theta = theta_old.clone().requires_grad_(True)
-            fisher_params = actor.evaluate(fisher_theta, fisher_obs, actions[fisher_idx], fisher_masks).params
-            local_fisher = JacobianFisherProduct(fisher_theta, fisher_params, damping=self.cg_damping)
-        # data parallel: the Fisher matrix of the global batch is the mean of the ranks' (equal batch sizes)
-        fisher_product = self._replica.averaged(local_fisher)
-        cg = conjugate_gradient(fisher_product, gradient, max_iter=self.cg_max_steps)
-        del fisher_product, local_fisher, current  # free the retained graph before the line search
-        gradient_norm = gradient.norm().item()
-        cg_residual = cg.residual_norm / gradient_norm if gradient_norm > 0 else 0.0
-
-        # 3. largest step whose quadratic KL model reaches the trust-region radius
-        if cg.breakdown is not None and not math.isfinite(cg.breakdown):
-            return self._skip_policy_step(
-                f"the Fisher-vector product is not finite (pᵀ(F + λI)p = {cg.breakdown})", old_objective, old_entropy
-            )
-        if not bool(th.isfinite(cg.x).all()) or not bool(th.isfinite(cg.a_x).all()):
-            return self._skip_policy_step("the conjugate-gradient solution is not finite", old_objective, old_entropy)
-        max_step = max_step_size(cg.x, cg.a_x, target_kl)
-        if max_step == 0.0 and gradient_norm > 0:
-            curvature = float(cg.x @ cg.a_x)
-            return self._skip_policy_step(
-                f"the curvature xᵀ(F + λI)x = {curvature:.3g} is not positive and finite", old_objective, old_entropy
-            )
-
-        # 4. backtracking line search on the real surrogate and KL (on the whole batch)
-        candidates: list[PolicyEvaluation] = []  # the search stops at the accepted one: it is the last
-
-        def trial(coefficient: float) -> Trial:
-            with th.no_grad():
-                candidates.append(actor.evaluate(theta_old + coefficient * cg.x, obs, actions, masks))
-                objective, kl = self._replica.mean_of_floats(
-                    [
-                        surrogate(candidates[-1].log_prob).item(),
-                        kl_divergence(old_params, candidates[-1].params).mean().item(),
-                    ],
-                    self.device,
-                )
-                return Trial(improvement=objective - old_objective, kl=kl)
-
-        search = backtracking_line_search(
-            trial,
-            max_step=max_step,
-            max_kl=target_kl,
-            shrinking_factor=self.line_search_shrinking_factor,
-            max_iter=self.line_search_max_iter,
+        evaluator = FeedForwardEvaluator(
+            actor, batch.observations, batch.actions, batch.action_masks, self.sub_sampling_factor, self.cg_damping
+        )
+        return self._checked(
+            trust_region_step(evaluator, batch.old_log_prob, batch.advantages, self._step_settings(target_kl), self._replica)
         )
 
-        # 5. commit the accepted parameters in one assignment, or keep the old policy
-        if search.accepted and search.trial is not None:
-            actor.commit(theta_old + search.step_coefficient * cg.x)
-            return PolicyStepResult(
-                policy_objective=old_objective + search.trial.improvement,
-                kl_divergence=search.trial.kl,
-                accepted=True,
-                surrogate_improvement=search.trial.improvement,
-                expected_improvement=search.step_coefficient * float(gradient @ cg.x),
-                line_search_steps=search.n_backtracks,
-                step_size=search.step_coefficient,
-                cg_residual=cg_residual,
-                entropy=_entropy(candidates[-1]).mean().item(),
+    def _step_settings(self, target_kl: float) -> StepSettings:
+        """The policy step's settings at this update."""
+        return StepSettings(target_kl, self.cg_max_steps, self.line_search_shrinking_factor, self.line_search_max_iter)
+
+    def _checked(self, step: PolicyStepResult) -> PolicyStepResult:
+        """Count and report a policy step that a numerical fault made TRPO skip."""
+        if step.skip_reason is not None:
+            self._skipped_policy_steps += 1
+            warnings.warn(
+                f"TRPO skipped the policy step of update {self._n_updates + 1}: {step.skip_reason}. The policy is "
+                f"unchanged ({self._skipped_policy_steps} policy steps skipped so far, logged as "
+                "train/skipped_policy_steps).",
+                RuntimeWarning,
+                stacklevel=4,
             )
-        return PolicyStepResult.unchanged(old_objective, search.n_backtracks, cg_residual, old_entropy.mean().item())
+        return step
 
     def _critic_step(self, actor: ActorView, batch: RolloutBatch) -> float:
         """``n_critic_updates`` epochs of minibatch regression of the value function on the returns, moving only
@@ -848,9 +719,3 @@ class TRPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
-
-
-def _entropy(evaluation: PolicyEvaluation) -> th.Tensor:
-    """Per-state entropy, detached; for tanh-squashed Gaussians (no closed form) the estimate -log π(a|s)."""
-    entropy = evaluation.entropy if evaluation.entropy is not None else -evaluation.log_prob
-    return entropy.detach()

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch as th
 
+import sb3_trpo.policy_step
 import sb3_trpo.solvers
 from sb3_trpo import TRPO
 from sb3_trpo.solvers import Trial, backtracking_line_search, is_acceptable
@@ -97,13 +98,13 @@ def test_accepted_step_is_the_searched_step(monkeypatch):
     model = make_model(n_critic_updates=0)
     model.learn(64)
     captured = {}
-    original = sb3_trpo.trpo.conjugate_gradient
+    original = sb3_trpo.policy_step.conjugate_gradient
 
     def capture_cg(*args, **kwargs):
         captured["cg"] = original(*args, **kwargs)
         return captured["cg"]
 
-    monkeypatch.setattr(sb3_trpo.trpo, "conjugate_gradient", capture_cg)
+    monkeypatch.setattr(sb3_trpo.policy_step, "conjugate_gradient", capture_cg)
     view = model._actor_view
     theta_old = view.flat()
     model.train()

@@ -442,6 +442,7 @@ def test_non_finite_observations_stop_training_with_the_model_unchanged():
 
 
 def test_the_fast_update_paths_cover_the_maskable_policy_and_agree_with_the_general_ones(monkeypatch):
+    import sb3_trpo.policy_step
     import sb3_trpo.trpo
 
     env = make_vec_env(ENVS["multidiscrete"], n_envs=2, seed=0)
@@ -451,8 +452,8 @@ def test_the_fast_update_paths_cover_the_maskable_policy_and_agree_with_the_gene
     optimizer_start = __import__("copy").deepcopy(model.policy.optimizer.state_dict())
     rng_states = np.random.get_state(), th.get_rng_state()  # the buffer's shuffle and the critic's minibatches
     used = []
-    fisher, regression = sb3_trpo.trpo.mlp_fisher_product, sb3_trpo.trpo.MlpCriticRegression.for_policy
-    monkeypatch.setattr(sb3_trpo.trpo, "mlp_fisher_product", lambda *a: used.append(fisher(*a)) or used[-1])
+    fisher, regression = sb3_trpo.policy_step.mlp_fisher_product, sb3_trpo.trpo.MlpCriticRegression.for_policy
+    monkeypatch.setattr(sb3_trpo.policy_step, "mlp_fisher_product", lambda *a: used.append(fisher(*a)) or used[-1])
     monkeypatch.setattr(sb3_trpo.trpo.MlpCriticRegression, "for_policy", lambda *a: used.append(regression(*a)) or used[-1])
     model.train()
     assert len(used) == 2
@@ -462,7 +463,7 @@ def test_the_fast_update_paths_cover_the_maskable_policy_and_agree_with_the_gene
     model.policy.optimizer.load_state_dict(optimizer_start)
     np.random.set_state(rng_states[0])
     th.set_rng_state(rng_states[1])
-    monkeypatch.setattr(sb3_trpo.trpo, "mlp_fisher_product", lambda *a: None)
+    monkeypatch.setattr(sb3_trpo.policy_step, "mlp_fisher_product", lambda *a: None)
     monkeypatch.setattr(sb3_trpo.trpo.MlpCriticRegression, "for_policy", lambda *a: None)
     model.train()
     general = th.cat([p.detach().flatten() for p in model.policy.parameters()])

@@ -16,7 +16,7 @@ import torch as th
 from stable_baselines3.common.logger import Logger
 
 import sb3_trpo.actor
-import sb3_trpo.trpo
+import sb3_trpo.policy_step
 from sb3_trpo import TRPO
 from sb3_trpo.solvers import CGResult
 from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv
@@ -185,7 +185,7 @@ def _gradient_instead_of_cg(matvec: Callable[[th.Tensor], th.Tensor], b: th.Tens
     return CGResult(x=b, a_x=matvec(b), residual_norm=0.0, n_iterations=1)
 
 
-class _TenfoldDamping(sb3_trpo.trpo.JacobianFisherProduct):
+class _TenfoldDamping(sb3_trpo.policy_step.JacobianFisherProduct):
     """A broken Fisher product: ten times the configured damping."""
 
     def __init__(self, *args: Any, damping: float = 0.0, **kwargs: Any) -> None:
@@ -209,6 +209,6 @@ def _tenfold_damping_mlp(actor: Any, obs: Any, damping: float, action_masks: Any
 @pytest.mark.parametrize("space_name", ["discrete", "box"])
 def test_a_broken_step_fails_the_comparison(space_name, mutant, monkeypatch):
     for name, replacement in mutant:
-        monkeypatch.setattr(sb3_trpo.trpo, name, replacement)
+        monkeypatch.setattr(sb3_trpo.policy_step, name, replacement)
     error, _, _ = _step_error(space_name, 0.01, 0.1, 0)
     assert error > 0.05
