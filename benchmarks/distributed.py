@@ -101,7 +101,7 @@ def worker(case_name: str, timesteps: int, out: Path) -> None:
             "final_return": float(evaluate_policy(model, make_vec_env(case["env"], seed=1000), n_eval_episodes=10)[0]),
             "all_reduces_per_iteration": float(np.median([x.get("distributed/all_reduces", 0) for x in logged])),
             "bytes_per_iteration": float(np.median([x.get("distributed/bytes_reduced", 0) for x in logged])),
-            "actor_parameters": model._get_actor_view(next(model.rollout_buffer.get(batch_size=2)).observations).size,
+            "actor_parameters": model._actor_view.size,
             "parameters": sum(p.numel() for p in model.policy.parameters()),
         }
         (out / f"{case_name}-{world_size}.json").write_text(json.dumps(result))

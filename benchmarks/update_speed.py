@@ -193,7 +193,7 @@ def _fisher_product_ms(name: str, repeats: int) -> dict[str, float]:
     model, callback = build(sb3_trpo.TRPO, CASES[name])
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
     batch = model._rollout_batch()
-    actor = model._get_actor_view(batch.observations)
+    actor = model._get_actor_view(batch)
     obs, actions = batch.observations, batch.actions
     theta_old = actor.flat()
     theta = theta_old.clone().requires_grad_(True)

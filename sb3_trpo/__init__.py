@@ -7,13 +7,18 @@ from sb3_trpo.trpo import TRPO
 
 __version__ = "0.1.0"
 
-__all__ = ["TRPO", "CnnPolicy", "MaskableTRPO", "MlpPolicy", "MultiInputPolicy", "__version__"]
+__all__ = ["TRPO", "CnnPolicy", "MaskableTRPO", "MlpPolicy", "MultiInputPolicy", "RecurrentTRPO", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # MaskableTRPO needs sb3-contrib (an optional extra): imported on first use, so `import sb3_trpo` never needs it
+    # MaskableTRPO and RecurrentTRPO need sb3-contrib (an optional extra): imported on first use, so `import sb3_trpo`
+    # never needs it
     if name == "MaskableTRPO":
         from sb3_trpo.maskable import MaskableTRPO
 
         return MaskableTRPO
+    if name == "RecurrentTRPO":
+        from sb3_trpo.recurrent import RecurrentTRPO
+
+        return RecurrentTRPO
     raise AttributeError(f"module 'sb3_trpo' has no attribute {name!r}")

@@ -22,6 +22,7 @@ from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
     DiagGaussianDistribution,
+    Distribution,
     MultiCategoricalDistribution,
 )
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
@@ -45,6 +46,8 @@ _MLP_FISHER_DISTRIBUTIONS: list[type] = [
 #: ActorCriticPolicy's do (sb3-contrib's maskable policy is added by sb3_trpo.maskable, with masking on top)
 _STANDARD_POLICIES: list[type[BasePolicy]] = [ActorCriticPolicy]
 _STANDARD_METHODS = ("get_distribution", "extract_features", "_get_action_dist_from_latent")
+#: a recurrent policy's extra inputs: the LSTM states at the start of each sequence, and the episode starts
+RecurrentContext = tuple[tuple[th.Tensor, th.Tensor], th.Tensor]
 
 
 def register_standard_mlp_policy(policy_class: type[BasePolicy], distributions: tuple[type, ...]) -> None:
@@ -78,17 +81,37 @@ class _DistributionOf(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, obs: PyTorchObs, actions: th.Tensor, action_masks: th.Tensor | None = None) -> PolicyEvaluation:
-        # masks exist for maskable policies only (sb3-contrib's get_distribution(obs, action_masks))
-        if action_masks is None:
-            distribution = self.policy.get_distribution(obs)
-        else:
-            distribution = self.policy.get_distribution(obs, action_masks=action_masks)  # type: ignore[call-arg]
+    def forward(
+        self,
+        obs: PyTorchObs,
+        actions: th.Tensor,
+        action_masks: th.Tensor | None = None,
+        context: RecurrentContext | None = None,
+    ) -> PolicyEvaluation:
+        distribution = distribution_of(self.policy, obs, action_masks, context)
         # SB3 reuses one distribution object per policy: read everything out of it before the next call
         return PolicyEvaluation(distribution_params(distribution), distribution.log_prob(actions), distribution.entropy())
 
 
-def select_actor_parameters(policy: ActorCriticPolicy, obs: PyTorchObs) -> list[tuple[str, nn.Parameter]]:
+def distribution_of(
+    policy: ActorCriticPolicy, obs: PyTorchObs, action_masks: th.Tensor | None = None, context: RecurrentContext | None = None
+) -> Distribution:
+    """The policy's action distribution of ``obs``, as its own ``get_distribution`` computes it.
+
+    :param action_masks: for a maskable policy (sb3-contrib's ``get_distribution(obs, action_masks)``)
+    :param context: for a recurrent policy, the LSTM states at the start of each sequence and the episode starts
+        (sb3-contrib's ``get_distribution(obs, lstm_states, episode_starts)``, whose new states are not needed)
+    """
+    if context is not None:
+        return policy.get_distribution(obs, *context)[0]  # type: ignore[call-arg,index]
+    if action_masks is not None:
+        return policy.get_distribution(obs, action_masks=action_masks)  # type: ignore[call-arg]
+    return policy.get_distribution(obs)
+
+
+def select_actor_parameters(
+    policy: ActorCriticPolicy, obs: PyTorchObs, context: RecurrentContext | None = None
+) -> list[tuple[str, nn.Parameter]]:
     """The trainable parameters that the action distribution depends on, in ``named_parameters`` order.
 
     Decided by the autograd graph of one forward pass, not by names: a parameter belongs to the actor if the
@@ -96,10 +119,11 @@ def select_actor_parameters(policy: ActorCriticPolicy, obs: PyTorchObs) -> list[
 
     :param policy: the actor-critic policy
     :param obs: a (small) batch of observations, already a tensor (or dict of tensors) on the policy's device
+    :param context: a recurrent policy's LSTM states and episode starts for ``obs`` (see :func:`distribution_of`)
     :return: ``(name, parameter)`` pairs
     """
     named = [(name, param) for name, param in policy.named_parameters() if param.requires_grad]
-    params = distribution_params(policy.get_distribution(obs))
+    params = distribution_params(distribution_of(policy, obs, context=context))
     # a tensor without autograd history (e.g. a frozen log_std) depends on no trainable parameter
     connected = [t for t in params.tensors if t.requires_grad]
     selected = []
@@ -120,11 +144,12 @@ class ActorView:
 
     :param policy: the actor-critic policy
     :param obs: a small batch of observations used once to find the actor parameters
+    :param context: for a recurrent policy, the LSTM states and episode starts of ``obs``
     """
 
-    def __init__(self, policy: ActorCriticPolicy, obs: PyTorchObs) -> None:
+    def __init__(self, policy: ActorCriticPolicy, obs: PyTorchObs, context: RecurrentContext | None = None) -> None:
         self.policy = policy
-        named = select_actor_parameters(policy, obs)
+        named = select_actor_parameters(policy, obs, context)
         self.names = ["policy." + name for name, _ in named]
         self.parameters = [param for _, param in named]
         self._places = _places_of(policy, self.parameters)
@@ -167,7 +192,12 @@ class ActorView:
         }
 
     def evaluate(
-        self, theta: th.Tensor, obs: PyTorchObs, actions: th.Tensor, action_masks: th.Tensor | None = None
+        self,
+        theta: th.Tensor,
+        obs: PyTorchObs,
+        actions: th.Tensor,
+        action_masks: th.Tensor | None = None,
+        context: RecurrentContext | None = None,
     ) -> PolicyEvaluation:
         """Action distributions of ``obs`` and log-probabilities of ``actions`` if the actor parameters were ``theta``.
 
@@ -177,10 +207,12 @@ class ActorView:
         :param obs: observations
         :param actions: actions taken in those states (for the log-probabilities)
         :param action_masks: the valid actions of each state, for a maskable policy (``None``: no masking)
+        :param context: for a recurrent policy, the LSTM states at the start of each sequence and the episode starts
         """
         # tie_weights=False: the places are given explicitly, each once (torch's own untying swaps a module registered
         # under several names once per name and then restores the candidate instead of the parameter)
-        output = functional_call(self._module, self.unflatten(theta), (obs, actions, action_masks), tie_weights=False)
+        inputs = (obs, actions, action_masks, context)
+        output = functional_call(self._module, self.unflatten(theta), inputs, tie_weights=False)
         assert isinstance(output, PolicyEvaluation)
         return output
 

@@ -187,6 +187,18 @@ class Replica:
         sum_sq = self.sum(((values - mean) ** 2).sum())
         return mean, (sum_sq / (n - 1)).sqrt()
 
+    def weighted_mean_and_std(self, values: th.Tensor, weights: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """Mean and unbiased standard deviation of ``values`` over the rows of weight 1 of every rank (the real
+        steps of padded batches, which differ in number between ranks).
+
+        :param values: one value per row
+        :param weights: 1 for a row that counts, 0 for padding
+        """
+        count = self.sum(weights.sum())
+        mean = self.sum((values * weights).sum()) / count
+        sum_sq = self.sum((((values - mean) ** 2) * weights).sum())
+        return mean, (sum_sq / (count - 1)).sqrt()
+
     def mean_of_tensors(self, tensors: Sequence[th.Tensor | None], like: Sequence[th.Tensor]) -> list[th.Tensor]:
         """The mean over ranks of several tensors, flattened into one buffer for a single all-reduce.
 

@@ -76,6 +76,8 @@ class JacobianFisherProduct:
     :param params: the distribution parameters of ``N`` states computed from ``theta``, graph kept
     :param damping: Tikhonov damping added to ``F`` (keeps it positive definite for CG)
     :param jvp: optional replacement for the ``J v`` computation (e.g. forward mode), for comparisons
+    :param weights: weight of each state in the mean KL (``None``: the plain mean), e.g. 0 for the padding rows
+        of a batch of sequences
     """
 
     def __init__(
@@ -84,10 +86,14 @@ class JacobianFisherProduct:
         params: DistributionParams,
         damping: float = 0.0,
         jvp: Callable[[th.Tensor], tuple[th.Tensor, ...]] | None = None,
+        weights: th.Tensor | None = None,
     ) -> None:
         self._theta = theta
         self._at = params.detach()
-        self._scale = 1.0 / params.tensors[0].shape[0]  # F is the Hessian of the *mean* KL over states
+        # F is the Hessian of the *mean* KL over states (weighted: Σ w_i KL_i / Σ w_i)
+        self._scale: float | th.Tensor = (
+            1.0 / params.tensors[0].shape[0] if weights is None else (weights / weights.sum()).reshape(-1, 1)
+        )
         self._damping = damping
         # A distribution tensor with no autograd history (a frozen log_std, a frozen mean head) does not depend on θ:
         # its block of J is zero, so it contributes nothing to Jᵀ M J (M has no cross term between the tensors of a

@@ -28,7 +28,7 @@ from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
-from sb3_trpo.actor import ActorView
+from sb3_trpo.actor import ActorView, RecurrentContext
 from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.collection import (
     NonFiniteRolloutError,
@@ -63,7 +63,7 @@ from sb3_trpo.distributed import (
 )
 from sb3_trpo.lean_forward import lean_collection_gap
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
-from sb3_trpo.policy_step import FeedForwardEvaluator, PolicyStepResult, StepSettings, trust_region_step
+from sb3_trpo.policy_step import FeedForwardEvaluator, PolicyStepResult, StepSettings, trust_region_step, weighted_mean
 from sb3_trpo.validation import check_against_spaces, check_arguments, check_spaces
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
@@ -82,6 +82,9 @@ class RolloutBatch(NamedTuple):
     :param old_values: the critic's predictions at collection time, for the same states as ``returns``
     :param action_masks: the valid actions of each state when the rollout was collected with masks
         (:class:`~sb3_trpo.maskable.MaskableTRPO`), ``None`` otherwise
+    :param context: for a recurrent policy (:class:`~sb3_trpo.recurrent.RecurrentTRPO`), the LSTM states at the start
+        of each sequence and the episode starts; ``None`` otherwise
+    :param weights: 1 for a real step, 0 for padding (sequences of a recurrent policy); ``None``: no padding
     """
 
     observations: PyTorchObs
@@ -91,6 +94,8 @@ class RolloutBatch(NamedTuple):
     returns: th.Tensor
     old_values: th.Tensor
     action_masks: th.Tensor | None = None
+    context: RecurrentContext | None = None
+    weights: th.Tensor | None = None
 
 
 class TRPO(OnPolicyAlgorithm):
@@ -358,12 +363,15 @@ class TRPO(OnPolicyAlgorithm):
             "_collection_gap",
         ]
 
-    def _get_actor_view(self, obs: PyTorchObs) -> ActorView:
+    def _get_actor_view(self, batch: RolloutBatch) -> ActorView:
         """The flat view of the actor parameters, rebuilt if the policy or its modules were replaced, or a parameter
         was frozen or unfrozen since it was built (a part unfrozen later must enter the trust region, or the critic
         step would move the policy unchecked)."""
         if self._actor_view is None or not self._actor_view.is_view_of(self.policy):
-            self._actor_view = ActorView(self.policy, index_obs(obs, slice(0, 2)))
+            if batch.context is None:  # two states are enough to see what the distribution depends on
+                self._actor_view = ActorView(self.policy, index_obs(batch.observations, slice(0, 2)))
+            else:  # the LSTM reads whole sequences
+                self._actor_view = ActorView(self.policy, batch.observations, batch.context)
         return self._actor_view
 
     def collect_rollouts(
@@ -528,7 +536,7 @@ class TRPO(OnPolicyAlgorithm):
         self._update_learning_rate(self.policy.optimizer)
         self._check_rollout_is_finite()
         batch = self._rollout_batch()
-        actor = self._get_actor_view(batch.observations)
+        actor = self._get_actor_view(batch)
 
         step = self._policy_step(actor, batch, target_kl)
         value_loss = self._critic_step(actor, batch)
@@ -617,21 +625,15 @@ class TRPO(OnPolicyAlgorithm):
         """
         if self.n_critic_updates == 0:
             # the batch's own values: the buffer's get() shuffles, so its arrays are in another order than the batch
-            rollout_loss = F.mse_loss(batch.returns, batch.old_values).item()
+            if batch.weights is None:
+                rollout_loss = F.mse_loss(batch.returns, batch.old_values).item()
+            else:  # padded sequences: real steps only
+                rollout_loss = weighted_mean((batch.returns - batch.old_values) ** 2, batch.weights).item()
             return self._replica.mean_of_floats([rollout_loss], self.device)[0]
         actor_ids = {id(p) for p in actor.parameters}
         params = critic_parameters(self.policy, actor_ids)
-        inputs, predict_values = value_inputs(self.policy, batch.observations, actor_ids)
-        optimizer = self.policy.optimizer
-        snapshot = CriticSnapshot(params, optimizer)
-        fast_regression = MlpCriticRegression.for_policy(self.policy, params, actor_ids)
-        if fast_regression is not None:  # SB3's MLP critic with Adam: the same regression, with less overhead
-            assert isinstance(inputs, th.Tensor)
-            mean_loss = fast_regression(inputs, batch.returns, self.n_critic_updates, self.batch_size, self._replica)
-        else:
-            mean_loss = regress_values(
-                params, optimizer, inputs, batch.returns, predict_values, self.n_critic_updates, self.batch_size, self._replica
-            )
+        snapshot = CriticSnapshot(params, self.policy.optimizer)
+        mean_loss = self._regress_critic(params, actor_ids, batch)
         if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in params):
             # a diverging regression (e.g. a learning rate far too large): undo the whole critic step
             snapshot.restore()
@@ -645,6 +647,27 @@ class TRPO(OnPolicyAlgorithm):
                 stacklevel=3,
             )
         return mean_loss
+
+    def _regress_critic(self, params: list[th.nn.Parameter], actor_ids: set[int], batch: RolloutBatch) -> float:
+        """``n_critic_updates`` epochs of minibatch regression of the values on the returns, moving ``params`` only.
+
+        :return: the mean loss over the minibatches
+        """
+        inputs, predict_values = value_inputs(self.policy, batch.observations, actor_ids)
+        fast_regression = MlpCriticRegression.for_policy(self.policy, params, actor_ids)
+        if fast_regression is not None:  # SB3's MLP critic with Adam: the same regression, with less overhead
+            assert isinstance(inputs, th.Tensor)
+            return fast_regression(inputs, batch.returns, self.n_critic_updates, self.batch_size, self._replica)
+        return regress_values(
+            params,
+            self.policy.optimizer,
+            inputs,
+            batch.returns,
+            predict_values,
+            self.n_critic_updates,
+            self.batch_size,
+            self._replica,
+        )
 
     def save(
         self,

@@ -1,0 +1,268 @@
+"""``RecurrentTRPO``: the trust-region update of :class:`~sb3_trpo.TRPO` for LSTM policies.
+
+It follows ``sb3_contrib.RecurrentPPO``'s conventions and reuses its pieces: the recurrent policies
+(``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``), the rollout buffers that store the LSTM states
+before each step and cut the rollout into padded sequences, and ``RecurrentPPO``'s collection loop. sb3-contrib is an
+optional dependency, imported by this module only (``pip install "sb3-trpo[recurrent]"``).
+
+The policy step sees one set of sequences for everything: the buffer's ``get()`` cuts the rollout at a random
+point, so it is drawn once per update, and the surrogate, its gradient, every Fisher-vector product and every
+line-search candidate are computed on it. Each sequence starts from the LSTM state stored at collection (the
+behaviour policy's, detached), and an episode start inside a sequence resets the state, as in collection. Padding
+rows have weight 0 in every mean. The Fisher-vector products run on autograd's graph through time (``Jᵀ M J`` with
+the closed-form ``M``); the policy step runs its forward passes in evaluation mode (no LSTM dropout: every product
+and candidate sees the same network) and, on CUDA, without cuDNN (whose RNN kernels have no double backward).
+"""
+
+import contextlib
+from typing import Any, ClassVar, TypeVar
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs
+from stable_baselines3.common.vec_env import VecEnv
+
+try:
+    from sb3_contrib import RecurrentPPO
+    from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
+    from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+    from sb3_contrib.common.recurrent.type_aliases import RNNStates
+    from sb3_contrib.ppo_recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
+except ImportError as error:  # pragma: no cover - exercised in a subprocess without sb3-contrib
+    raise ImportError(
+        "RecurrentTRPO reuses sb3-contrib's recurrent policies, buffers and collection, and sb3-contrib is not "
+        'installed: install it with `pip install "sb3-trpo[recurrent]"` (or `pip install sb3-contrib`).'
+    ) from error
+
+from sb3_trpo.actor import ActorView, PolicyEvaluation, RecurrentContext
+from sb3_trpo.fisher import FisherProduct, JacobianFisherProduct
+from sb3_trpo.policy_step import PolicyStepResult, trust_region_step
+from sb3_trpo.trpo import TRPO, RolloutBatch
+
+SelfRecurrentTRPO = TypeVar("SelfRecurrentTRPO", bound="RecurrentTRPO")
+
+__all__ = ["RecurrentTRPO"]
+
+
+def without_cudnn(device: th.device) -> contextlib.AbstractContextManager[Any]:
+    """cuDNN off on CUDA devices: autograd has no double backward through cuDNN's RNN kernels, which the Fisher-vector
+    product needs; PyTorch's own LSTM ops have one. Elsewhere nothing changes.
+
+    :param device: where the policy runs
+    """
+    return th.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class RecurrentEvaluator:
+    """The batch of sequences of one policy step (see :class:`~sb3_trpo.policy_step.Evaluator`).
+
+    :param actor: the actor view
+    :param obs: the observations, sequence after sequence, padded to one length
+    :param actions: the actions, padded the same way
+    :param context: the LSTM states at the start of each sequence (detached) and the episode starts
+    :param weights: 1 for a real step, 0 for padding
+    :param damping: λ of the Fisher-vector product
+    """
+
+    needs_graph = True  # the Fisher product runs on the gradient's forward pass through time
+
+    def __init__(
+        self,
+        actor: ActorView,
+        obs: PyTorchObs,
+        actions: th.Tensor,
+        context: RecurrentContext,
+        weights: th.Tensor,
+        damping: float,
+    ) -> None:
+        self.actor = actor
+        self.weights: th.Tensor | None = weights
+        self._obs, self._actions, self._context, self._damping = obs, actions, context, damping
+        self._device = weights.device
+
+    def evaluate(self, theta: th.Tensor) -> PolicyEvaluation:
+        with without_cudnn(self._device):
+            return self.actor.evaluate(theta, self._obs, self._actions, context=self._context)
+
+    def fisher_product(self, theta: th.Tensor, current: PolicyEvaluation) -> FisherProduct:
+        return JacobianFisherProduct(theta, current.params, damping=self._damping, weights=self.weights)
+
+
+class RecurrentTRPO(TRPO):
+    """
+    Trust Region Policy Optimization with recurrent (LSTM) policies.
+
+    The same algorithm, keywords, checks and logged values as :class:`~sb3_trpo.TRPO`, with
+    ``sb3_contrib.RecurrentPPO``'s policies and conventions: ``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``,
+    ``"MultiInputLstmPolicy"`` (or a ``RecurrentActorCriticPolicy`` subclass) with their options
+    (``lstm_hidden_size``, ``n_lstm_layers``, ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``), and
+    ``predict(obs, state, episode_start, deterministic)``. Rollouts are collected by ``RecurrentPPO``'s loop into
+    sb3-contrib's recurrent buffers; the policy step works on the rollout's padded sequences (see the module's
+    docstring), and the critic step regresses the values over minibatches of sequences, real steps only.
+
+    ``sub_sampling_factor`` must be 1 (a sub-sample of rows would cut the sequences the LSTM reads).
+
+    :param policy: the policy (``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``, ``"MultiInputLstmPolicy"``, or a
+        ``RecurrentActorCriticPolicy`` subclass)
+    :param env: the environment to learn from (if registered in Gym, can be str)
+    :param kwargs: the other arguments of :class:`~sb3_trpo.TRPO` (as keywords), with the same meaning and checks
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpLstmPolicy": MlpLstmPolicy,
+        "CnnLstmPolicy": CnnLstmPolicy,
+        "MultiInputLstmPolicy": MultiInputLstmPolicy,
+    }
+    policy: RecurrentActorCriticPolicy
+
+    def __init__(self, policy: str | type[RecurrentActorCriticPolicy], env: GymEnv | str, **kwargs: Any):
+        if not (isinstance(policy, str) or (isinstance(policy, type) and issubclass(policy, RecurrentActorCriticPolicy))):
+            raise ValueError(
+                f"RecurrentTRPO needs a recurrent policy, got {policy!r}: use 'MlpLstmPolicy', 'CnnLstmPolicy', "
+                "'MultiInputLstmPolicy' or a subclass of sb3_contrib.common.recurrent.policies.RecurrentActorCriticPolicy."
+            )
+        if kwargs.get("sub_sampling_factor", 1) != 1:
+            raise ValueError(
+                f"sub_sampling_factor={kwargs['sub_sampling_factor']!r} is not allowed with RecurrentTRPO: it must be 1 "
+                "(every k-th row of a batch of sequences is no sequence the LSTM could read)."
+            )
+        init_setup_model = kwargs.pop("_init_setup_model", True)
+        super().__init__(policy, env, _init_setup_model=False, **kwargs)
+        if init_setup_model:  # as TRPO does when it sets up the model itself
+            if self.env is not None:
+                self._check_rollout_size()
+            self._setup_model()
+
+    def _setup_policy_and_buffer(self) -> None:
+        """RecurrentPPO's set-up: the recurrent policy, a buffer that stores its LSTM states, zero initial states."""
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        policy = self.policy_class(
+            self.observation_space, self.action_space, self.lr_schedule, use_sde=self.use_sde, **self.policy_kwargs
+        )
+        if not isinstance(policy, RecurrentActorCriticPolicy):
+            raise ValueError(f"RecurrentTRPO needs a RecurrentActorCriticPolicy, got {type(policy).__name__}.")
+        self.policy = policy.to(self.device)
+        lstm = self.policy.lstm_actor
+        state_shape = (lstm.num_layers, self.n_envs, lstm.hidden_size)
+        self._last_lstm_states = RNNStates(
+            (th.zeros(state_shape, device=self.device), th.zeros(state_shape, device=self.device)),
+            (th.zeros(state_shape, device=self.device), th.zeros(state_shape, device=self.device)),
+        )
+        if self.rollout_buffer_class is None:
+            dict_obs = isinstance(self.observation_space, spaces.Dict)
+            self.rollout_buffer_class = RecurrentDictRolloutBuffer if dict_obs else RecurrentRolloutBuffer
+        elif not issubclass(self.rollout_buffer_class, (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)):
+            raise ValueError(
+                f"rollout_buffer_class={self.rollout_buffer_class.__name__} cannot store LSTM states: RecurrentTRPO needs "
+                "sb3-contrib's RecurrentRolloutBuffer or RecurrentDictRolloutBuffer (or a subclass), or None."
+            )
+        self.rollout_buffer = self.rollout_buffer_class(
+            self.n_steps,
+            self.observation_space,  # a Dict space for the Dict buffer
+            self.action_space,
+            (self.n_steps, lstm.num_layers, self.n_envs, lstm.hidden_size),
+            self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+            **self.rollout_buffer_kwargs,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        # as RecurrentPPO: the LSTM states of the last rollout belong to its environments, not to the model
+        return [*super()._excluded_save_params(), "_last_lstm_states"]
+
+    _general_loop = "sb3-contrib's recurrent loop"
+
+    def _lean_collection_gap(self, rollout_buffer: RolloutBuffer) -> str | None:
+        return "recurrent policies"
+
+    def _general_collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        return RecurrentPPO.collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)  # type: ignore[arg-type]
+
+    def _rollout_batch(self) -> RolloutBatch:
+        """The whole rollout as one batch of padded sequences, drawn once for the update (the buffer cuts the
+        sequences at a random point at every draw)."""
+        # sb3-contrib's RecurrentRolloutBufferSamples or RecurrentDictRolloutBufferSamples
+        data: Any = next(self.rollout_buffer.get(batch_size=None))
+        actions = data.actions
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        weights = (data.mask > 1e-8).to(data.advantages.dtype)
+        advantages = data.advantages
+        if self.normalize_advantage:
+            # statistics of the real steps of every rank
+            mean, std = self._replica.weighted_mean_and_std(advantages, weights)
+            advantages = (advantages - mean) / (std + 1e-8)
+        lstm_states = data.lstm_states.pi
+        context = ((lstm_states[0].detach(), lstm_states[1].detach()), data.episode_starts)
+        return RolloutBatch(
+            data.observations,
+            actions,
+            data.old_log_prob,
+            advantages,
+            data.returns,
+            data.old_values,
+            context=context,
+            weights=weights,
+        )
+
+    def _policy_step(self, actor: ActorView, batch: RolloutBatch, target_kl: float) -> PolicyStepResult:
+        """The trust-region step on the rollout's sequences, in evaluation mode (no dropout inside the step)."""
+        assert batch.context is not None
+        assert batch.weights is not None
+        evaluator = RecurrentEvaluator(actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping)
+        self.policy.set_training_mode(False)
+        try:
+            step = trust_region_step(
+                evaluator, batch.old_log_prob, batch.advantages, self._step_settings(target_kl), self._replica
+            )
+        finally:
+            self.policy.set_training_mode(True)
+        return self._checked(step)
+
+    def _regress_critic(self, params: list[th.nn.Parameter], actor_ids: set[int], batch: RolloutBatch) -> float:
+        """``n_critic_updates`` epochs of masked-MSE regression over minibatches of sequences (each epoch draws its own
+        sequences from the buffer, as RecurrentPPO's epochs do)."""
+        optimizer = self.policy.optimizer
+        optimizer.zero_grad(set_to_none=True)  # the actor's gradients stay None: the optimizer leaves it alone
+        losses = []
+        for _ in range(self.n_critic_updates):
+            minibatch: Any  # sb3-contrib's recurrent samples
+            for minibatch in self.rollout_buffer.get(self.batch_size):
+                real = minibatch.mask > 1e-8
+                states = minibatch.lstm_states.pi if self.policy.shared_lstm else minibatch.lstm_states.vf
+                values = self.policy.predict_values(minibatch.observations, states, minibatch.episode_starts).flatten()
+                loss = ((minibatch.returns - values) ** 2)[real].mean()
+                grads = th.autograd.grad(loss, params, allow_unused=True)
+                if self._replica.is_distributed:
+                    grads = tuple(self._replica.mean_of_tensors(grads, params))
+                for param, grad in zip(params, grads, strict=True):
+                    param.grad = grad
+                optimizer.step()
+                losses.append(loss.detach())
+        return self._replica.mean_of_floats([th.stack(losses).mean().item()], self.device)[0]
+
+    def learn(
+        self: SelfRecurrentTRPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "RecurrentTRPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfRecurrentTRPO:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

@@ -1,0 +1,292 @@
+"""RecurrentTRPO: the Fisher product over sequences against the explicit Hessian of the masked mean KL, padding that
+never counts, the trust region measured over whole rollouts, round trips, and the checks of what a user passes in."""
+
+import subprocess
+import sys
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+
+from tests.helpers import BOX_OBS, RandomEnv, import_sb3_contrib
+
+import_sb3_contrib()  # a dev dependency: required in CI, skipped elsewhere without it
+
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy  # noqa: E402
+from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
+from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
+
+from sb3_trpo import TRPO, RecurrentTRPO  # noqa: E402
+from sb3_trpo.actor import ActorView  # noqa: E402
+from sb3_trpo.distributed import Replica  # noqa: E402
+from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product  # noqa: E402
+from sb3_trpo.policy_step import StepSettings, trust_region_step  # noqa: E402
+from sb3_trpo.recurrent import RecurrentEvaluator, without_cudnn  # noqa: E402
+
+DAMPING = 0.1
+SPACES = {"discrete": spaces.Discrete(3), "box": spaces.Box(-1.0, 1.0, (2,), np.float32)}
+#: three sequences padded to 5 steps: lengths 5, 2 and 4
+WEIGHTS = [*[1, 1, 1, 1, 1], *[1, 1, 0, 0, 0], *[1, 1, 1, 1, 0]]
+#: sequence starts, and an episode start inside the first sequence (its state is reset there, as in collection)
+EPISODE_STARTS = [0, 3, 5, 10]
+
+
+@pytest.fixture
+def float64_observations(monkeypatch):
+    """SB3's preprocessing turns Box observations into float32; these tests run the policy in float64 throughout."""
+    import stable_baselines3.common.policies
+
+    monkeypatch.setattr(stable_baselines3.common.policies, "preprocess_obs", lambda obs, space, normalize_images=True: obs)
+
+
+def tiny_recurrent_policy(space: spaces.Space, seed: int = 0) -> RecurrentActorCriticPolicy:
+    th.manual_seed(seed)
+    policy = RecurrentActorCriticPolicy(BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4, net_arch=dict(pi=[5], vf=[4]))
+    with th.no_grad():  # far from uniform, so the Fisher matrix is not degenerate
+        for param in policy.action_net.parameters():
+            param.normal_(0.0, 0.8)
+    return policy.double()
+
+
+def sequence_batch(policy: RecurrentActorCriticPolicy, seed: int = 0) -> dict[str, Any]:
+    generator = th.Generator().manual_seed(seed)
+    n = len(WEIGHTS)
+    obs = th.rand(n, 3, generator=generator, dtype=th.float64) * 2 - 1
+    episode_starts = th.zeros(n, dtype=th.float64)
+    episode_starts[EPISODE_STARTS] = 1.0
+    hidden = 0.5 * th.randn(2, 1, 3, 4, generator=generator, dtype=th.float64)
+    context = ((hidden[0], hidden[1]), episode_starts)
+    with th.no_grad():
+        actions = policy.get_distribution(obs, *context)[0].sample()
+    return {"obs": obs, "actions": actions, "context": context, "weights": th.tensor(WEIGHTS, dtype=th.float64)}
+
+
+def torch_distribution(params: Any) -> th.distributions.Distribution:
+    """The distribution of every row, by torch.distributions (independent of sb3_trpo's KL code)."""
+    if len(params.tensors) == 1:
+        return th.distributions.Categorical(logits=params.tensors[0])
+    return th.distributions.Independent(th.distributions.Normal(*params.tensors), 1)
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_fisher_products_over_sequences_equal_the_explicit_hessian_of_the_masked_mean_kl(name, float64_observations):
+    policy = tiny_recurrent_policy(SPACES[name])
+    batch = sequence_batch(policy)
+    obs, actions, context, weights = batch["obs"], batch["actions"], batch["context"], batch["weights"]
+    actor = ActorView(policy, obs, context)
+    assert any(p is policy.lstm_actor.weight_hh_l0 for p in actor.parameters), "the LSTM is an actor parameter"
+    theta_old = actor.flat()
+    with th.no_grad():
+        old = torch_distribution(actor.evaluate(theta_old, obs, actions, context=context).params)
+
+    def masked_mean_kl(theta: th.Tensor) -> th.Tensor:
+        new = torch_distribution(actor.evaluate(theta, obs, actions, context=context).params)
+        return (th.distributions.kl_divergence(old, new) * weights).sum() / weights.sum()
+
+    hessian = th.autograd.functional.hessian(masked_mean_kl, theta_old)
+    assert hessian.abs().max() > 1e-3, "degenerate test: the Hessian is (nearly) zero"
+    theta = theta_old.clone().requires_grad_(True)
+    current = actor.evaluate(theta, obs, actions, context=context)
+    products = {
+        "closed-form": JacobianFisherProduct(theta, current.params, damping=DAMPING, weights=weights),
+        "double-backprop": kl_hessian_vector_product(masked_mean_kl, theta_old, damping=DAMPING),
+        "evaluator": RecurrentEvaluator(actor, obs, actions, context, weights, DAMPING).fisher_product(theta, current),
+    }
+    # the unweighted mean counts the padding: another matrix, which the test tells apart
+    unweighted = JacobianFisherProduct(theta, current.params, damping=DAMPING)
+    generator = th.Generator().manual_seed(1)
+    for _ in range(3):
+        v = th.randn(actor.size, generator=generator, dtype=th.float64)
+        expected = hessian @ v + DAMPING * v
+        for label, product in products.items():
+            th.testing.assert_close(product(v), expected, rtol=1e-7, atol=1e-9, msg=lambda m, label=label: f"{label}: {m}")
+        assert not th.allclose(unweighted(v), expected, rtol=1e-3, atol=1e-5)
+
+
+def _step(policy: RecurrentActorCriticPolicy, batch: dict[str, Any], old_log_prob: th.Tensor, advantages: th.Tensor):
+    actor = ActorView(policy, batch["obs"], batch["context"])
+    evaluator = RecurrentEvaluator(actor, batch["obs"], batch["actions"], batch["context"], batch["weights"], DAMPING)
+    settings = StepSettings(target_kl=0.01, cg_max_steps=10, line_search_shrinking_factor=0.5, line_search_max_iter=15)
+    result = trust_region_step(evaluator, old_log_prob, advantages, settings, Replica.alone())
+    return result, actor.flat()
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_padded_rows_never_change_the_step(name, float64_observations):
+    steps = []
+    for perturb in (False, True):
+        policy = tiny_recurrent_policy(SPACES[name])
+        batch = sequence_batch(policy)
+        with th.no_grad():
+            old_log_prob = policy.get_distribution(batch["obs"], *batch["context"])[0].log_prob(batch["actions"])
+        advantages = th.linspace(-1.0, 1.0, len(WEIGHTS), dtype=th.float64)
+        if perturb:  # whatever sits in the padding: observations, actions, old log-probabilities, advantages
+            padded = batch["weights"] == 0
+            batch["obs"][padded] = 5.0
+            batch["actions"][padded] = batch["actions"][padded].flip(0) if name == "discrete" else 3.0
+            old_log_prob, advantages = old_log_prob.clone(), advantages.clone()
+            old_log_prob[padded], advantages[padded] = -7.0, 100.0
+        steps.append(_step(policy, batch, old_log_prob, advantages))
+    (first, theta_first), (second, theta_second) = steps
+    assert first.accepted
+    assert th.equal(theta_first, theta_second)
+    assert first == second
+
+
+def test_without_cudnn_turns_cudnn_off_on_cuda_devices_only():
+    with without_cudnn(th.device("cuda")):
+        assert not th.backends.cudnn.enabled
+    enabled = th.backends.cudnn.enabled
+    with without_cudnn(th.device("cpu")):
+        assert th.backends.cudnn.enabled == enabled
+
+
+class ShortEpisodes(gym.Wrapper):
+    """Episodes of 7 steps, so that rollouts hold episode starts and sequences of several lengths."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(gym.wrappers.TimeLimit(env, max_episode_steps=7))
+
+
+def small_model(space: spaces.Space, **kwargs: Any) -> RecurrentTRPO:
+    env = make_vec_env(lambda: RandomEnv(BOX_OBS, space, ep_length=7), n_envs=2, seed=0)
+    kwargs.setdefault("policy_kwargs", dict(lstm_hidden_size=8, net_arch=[8]))
+    return RecurrentTRPO("MlpLstmPolicy", env, n_steps=32, batch_size=16, seed=0, **kwargs)
+
+
+def whole_rollout_distributions(
+    policy: RecurrentActorCriticPolicy, obs: th.Tensor, starts: th.Tensor, initial: tuple[th.Tensor, th.Tensor]
+) -> list[th.distributions.Distribution]:
+    """The action distributions of each environment's whole rollout, the LSTM run from the state stored before its
+    first step (reset at episode starts), by torch.distributions."""
+    result = []
+    for e in range(obs.shape[1]):
+        context = ((initial[0][:, e : e + 1].contiguous(), initial[1][:, e : e + 1].contiguous()), starts[:, e])
+        with th.no_grad():
+            torch_dist = policy.get_distribution(obs[:, e], *context)[0].distribution
+        is_normal = isinstance(torch_dist, th.distributions.Normal)
+        result.append(th.distributions.Independent(torch_dist, 1) if is_normal else torch_dist)
+    return result
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_every_accepted_step_keeps_the_kl_over_whole_rollouts_within_the_trust_region(name):
+    """The KL of each update, recomputed with torch.distributions by running the LSTM over each environment's whole
+    rollout from its stored initial state (no sequences, no padding), before and after the update."""
+    model = small_model(SPACES[name], target_kl=0.02)
+    model.learn(64)  # past the first update, so that the states stored at collection are not all zero
+    buffer = model.rollout_buffer
+    policy = model.policy
+    accepted = 0
+    for _ in range(3):
+        _, callback = model._setup_learn(32, reset_num_timesteps=False)
+        model.collect_rollouts(model.env, callback, buffer, model.n_steps)
+        obs = th.as_tensor(buffer.observations.copy())  # (n_steps, n_envs, obs_dim), before get() reorders them
+        starts = th.as_tensor(buffer.episode_starts.copy())
+        initial = (th.as_tensor(buffer.hidden_states_pi[0].copy()), th.as_tensor(buffer.cell_states_pi[0].copy()))
+
+        before = whole_rollout_distributions(policy, obs, starts, initial)
+        model.train()
+        after = whole_rollout_distributions(policy, obs, starts, initial)
+        kl = th.cat([th.distributions.kl_divergence(b, a) for b, a in zip(before, after, strict=True)]).mean().item()
+        logged = model.logger.name_to_value
+        if logged["train/is_line_search_success"] == 1.0:
+            accepted += 1
+            assert kl <= 0.02 * (1 + 1e-3), kl
+        else:
+            assert kl == 0.0
+    assert accepted > 0
+
+
+def test_save_load_gives_identical_predictions_and_states_and_continues_training(tmp_path):
+    model = small_model(SPACES["box"])
+    model.learn(64)
+    model.save(tmp_path / "model")
+    loaded = RecurrentTRPO.load(tmp_path / "model", env=model.get_env())
+    obs = np.stack([BOX_OBS.sample() for _ in range(2)])
+    state, starts = None, np.ones(2, dtype=bool)
+    loaded_state = None
+    for _ in range(4):
+        action, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
+        loaded_action, loaded_state = loaded.predict(obs, state=loaded_state, episode_start=starts, deterministic=True)
+        np.testing.assert_array_equal(action, loaded_action)
+        for a, b in zip(state, loaded_state, strict=True):
+            np.testing.assert_array_equal(a, b)
+        starts = np.zeros(2, dtype=bool)
+    loaded.learn(64, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 64 + 64
+    mean, _ = evaluate_policy(loaded, loaded.get_env(), n_eval_episodes=2)
+    assert np.isfinite(mean)
+
+
+def test_logged_keys_are_trpos():
+    def keys(model: Any) -> set[str]:
+        model.learn(64)
+        return {key for key in model.logger.name_to_value if key.startswith("train/")}
+
+    recurrent = keys(small_model(SPACES["box"]))
+    plain = keys(
+        TRPO("MlpPolicy", make_vec_env(lambda: RandomEnv(BOX_OBS, SPACES["box"]), n_envs=2), n_steps=32, batch_size=16)
+    )
+    assert recurrent == plain
+
+
+def test_the_policy_step_runs_without_dropout_and_the_critic_step_with_it(monkeypatch):
+    model = small_model(
+        SPACES["discrete"], policy_kwargs=dict(lstm_hidden_size=8, n_lstm_layers=2, lstm_kwargs=dict(dropout=0.5))
+    )
+    seen = []
+    evaluate = RecurrentEvaluator.evaluate
+    monkeypatch.setattr(
+        RecurrentEvaluator, "evaluate", lambda self, theta: seen.append(self.actor.policy.training) or evaluate(self, theta)
+    )
+    model.learn(64)
+    assert seen
+    assert not any(seen)
+    assert model.policy.training  # back in training mode for the critic step
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+
+
+def test_shared_lstm_is_in_the_trust_region_and_the_critic_step_leaves_it(monkeypatch):
+    import sb3_trpo.solvers
+
+    model = small_model(
+        SPACES["box"], policy_kwargs=dict(lstm_hidden_size=8, net_arch=[8], shared_lstm=True, enable_critic_lstm=False)
+    )
+    model.learn(32)
+    assert any(p is model.policy.lstm_actor.weight_hh_l0 for p in model._actor_view.parameters)
+    monkeypatch.setattr(sb3_trpo.solvers, "is_acceptable", lambda trial, max_kl: False)  # every policy step rejected
+    before = model.policy.lstm_actor.weight_hh_l0.detach().clone()
+    value_net = model.policy.value_net.weight.detach().clone()
+    model.learn(32, reset_num_timesteps=False)
+    assert th.equal(model.policy.lstm_actor.weight_hh_l0, before)
+    assert not th.equal(model.policy.value_net.weight, value_net)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(policy="MlpPolicy"), "needs a recurrent policy"),
+        (dict(sub_sampling_factor=2), "sub_sampling_factor=2 is not allowed"),
+        (dict(target_kl=-1.0), "target_kl=-1.0 is not allowed"),
+    ],
+)
+def test_what_a_user_passes_in_is_checked(kwargs, match):
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    policy = kwargs.pop("policy", "MlpLstmPolicy")
+    with pytest.raises(ValueError, match=match):
+        RecurrentTRPO(ActorCriticPolicy if policy == "MlpPolicy" else policy, "CartPole-v1", **kwargs)
+
+
+def test_import_sb3_trpo_needs_no_sb3_contrib_and_recurrent_trpo_says_how_to_install_it():
+    code = (
+        "import sys; sys.modules['sb3_contrib'] = None\n"
+        "import sb3_trpo\n"
+        "try:\n    sb3_trpo.RecurrentTRPO\nexcept ImportError as error:\n    print(error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "sb3-trpo[recurrent]"' in out
