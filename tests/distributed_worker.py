@@ -5,6 +5,8 @@
 Modes:
 - ``train``: data-parallel TRPO on CartPole-v1 (VecNormalize, TensorBoard, a checkpoint); each rank writes what it
   ended with to ``OUT_DIR/rank{R}.pt``.
+- ``maskable``, ``recurrent``: MaskableTRPO or RecurrentTRPO in data-parallel training, parameters to
+  ``OUT_DIR/rank{R}.pt``.
 - ``update``: loads ``OUT_DIR/start.zip``, fills its rollout buffer with its share of ``OUT_DIR/rollout.npz``
   (environment column R), makes one ``train()`` call and writes its parameters to ``OUT_DIR/rank{R}.pt``.
 """
@@ -107,9 +109,23 @@ def maskable(out: Path) -> None:
     th.save(result, out / f"rank{dist.get_rank()}.pt")
 
 
+def recurrent(out: Path) -> None:
+    """RecurrentTRPO in data-parallel training: the ranks' padded sequences (of different real lengths) make one
+    update."""
+    from sb3_trpo import RecurrentTRPO
+
+    env = make_vec_env("CartPole-v1", n_envs=2)
+    kwargs = dict(n_steps=64, batch_size=64, seed=0, policy_kwargs=dict(lstm_hidden_size=8, net_arch=[8]))
+    model = RecurrentTRPO("MlpLstmPolicy", env, distributed=True, **kwargs)
+    initial = flat_parameters(model)
+    model.learn(2 * 2 * 64 * 3)
+    result = {"initial": initial, "final": flat_parameters(model), "num_timesteps": model.num_timesteps}
+    th.save(result, out / f"rank{dist.get_rank()}.pt")
+
+
 if __name__ == "__main__":
     th.set_num_threads(1)
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"train": train, "update": update, "maskable": maskable}[mode](out_dir)
+    {"train": train, "update": update, "maskable": maskable, "recurrent": recurrent}[mode](out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()

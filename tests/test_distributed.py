@@ -127,6 +127,15 @@ def test_maskable_trpo_trains_data_parallel_with_identical_parameters(tmp_path):
     assert ranks[0]["num_timesteps"] == ranks[1]["num_timesteps"] == 2 * 2 * 128 * 3
 
 
+def test_recurrent_trpo_trains_data_parallel_with_identical_parameters(tmp_path):
+    pytest.importorskip("sb3_contrib")
+    launch("recurrent", tmp_path)
+    ranks = load_ranks(tmp_path)
+    assert th.equal(ranks[0]["final"], ranks[1]["final"])
+    assert not th.equal(ranks[0]["initial"], ranks[0]["final"])
+    assert ranks[0]["num_timesteps"] == ranks[1]["num_timesteps"] == 2 * 2 * 64 * 3
+
+
 @pytest.fixture
 def no_launcher(monkeypatch):
     for name in LAUNCHER_VARIABLES:
