@@ -56,6 +56,26 @@ def without_cudnn(device: th.device) -> contextlib.AbstractContextManager[Any]:
     return th.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def fold_sequence_starts(context: RecurrentContext) -> RecurrentContext:
+    """The same computation with the episode starts at the first step of a sequence folded into its initial state.
+
+    sb3-contrib's LSTM forward resets the state where an episode starts (``state · (1 - start)``) and, if any start
+    is set, runs the LSTM one step at a time in Python. The buffer cuts sequences at episode starts, so they sit at
+    sequence starts only: multiplying those sequences' initial states by ``1 - start`` and clearing the flags gives
+    the same outputs, computed by one LSTM call over whole sequences (several times faster, and its graph, through
+    which every Fisher-vector product runs, is smaller). Starts inside a sequence are left as they are.
+
+    :param context: the initial states ``(h, c)``, each ``(layers, n_seq, hidden)``, and the flat episode starts
+    """
+    (hidden, cell), starts = context
+    n_seq = hidden.shape[1]
+    by_sequence = starts.reshape(n_seq, -1)
+    keep = (1.0 - by_sequence[:, 0]).to(hidden.dtype).reshape(1, n_seq, 1)
+    folded = by_sequence.clone()
+    folded[:, 0] = 0.0
+    return (hidden * keep, cell * keep), folded.reshape(-1)
+
+
 class RecurrentEvaluator:
     """The batch of sequences of one policy step (see :class:`~sb3_trpo.policy_step.Evaluator`).
 
@@ -201,7 +221,7 @@ class RecurrentTRPO(TRPO):
             mean, std = self._replica.weighted_mean_and_std(advantages, weights)
             advantages = (advantages - mean) / (std + 1e-8)
         lstm_states = data.lstm_states.pi
-        context = ((lstm_states[0].detach(), lstm_states[1].detach()), data.episode_starts)
+        context = fold_sequence_starts(((lstm_states[0].detach(), lstm_states[1].detach()), data.episode_starts))
         return RolloutBatch(
             data.observations,
             actions,
@@ -238,7 +258,8 @@ class RecurrentTRPO(TRPO):
             for minibatch in self.rollout_buffer.get(self.batch_size):
                 real = minibatch.mask > 1e-8
                 states = minibatch.lstm_states.pi if self.policy.shared_lstm else minibatch.lstm_states.vf
-                values = self.policy.predict_values(minibatch.observations, states, minibatch.episode_starts).flatten()
+                states, starts = fold_sequence_starts((states, minibatch.episode_starts))
+                values = self.policy.predict_values(minibatch.observations, states, starts).flatten()
                 loss = ((minibatch.returns - values) ** 2)[real].mean()
                 grads = th.autograd.grad(loss, params, allow_unused=True)
                 if self._replica.is_distributed:

@@ -24,7 +24,7 @@ from sb3_trpo.actor import ActorView  # noqa: E402
 from sb3_trpo.distributed import Replica  # noqa: E402
 from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product  # noqa: E402
 from sb3_trpo.policy_step import StepSettings, trust_region_step  # noqa: E402
-from sb3_trpo.recurrent import RecurrentEvaluator, without_cudnn  # noqa: E402
+from sb3_trpo.recurrent import RecurrentEvaluator, fold_sequence_starts, without_cudnn  # noqa: E402
 
 DAMPING = 0.1
 SPACES = {"discrete": spaces.Discrete(3), "box": spaces.Box(-1.0, 1.0, (2,), np.float32)}
@@ -290,3 +290,23 @@ def test_import_sb3_trpo_needs_no_sb3_contrib_and_recurrent_trpo_says_how_to_ins
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 'pip install "sb3-trpo[recurrent]"' in out
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_folding_sequence_starts_into_the_initial_states_computes_the_same(name, float64_observations):
+    policy = tiny_recurrent_policy(SPACES[name])
+    batch = sequence_batch(policy)
+    (hidden, cell), starts = batch["context"]
+    starts = starts.clone()
+    starts[3] = 0.0  # starts at sequence starts only (sequences 0 and 1), as the buffer cuts them; sequence 2 goes on
+    folded = fold_sequence_starts(((hidden, cell), starts))
+    assert not folded[1].any(), "no start left: the LSTM runs over whole sequences in one call"
+    with th.no_grad():
+        expected = policy.get_distribution(batch["obs"], (hidden, cell), starts)[0].distribution
+        got = policy.get_distribution(batch["obs"], *folded)[0].distribution
+    for a, b in ((expected.logits, got.logits),) if name == "discrete" else ((expected.loc, got.loc),):
+        th.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # a start inside a sequence stays a start
+    inside = starts.clone()
+    inside[3] = 1.0
+    assert fold_sequence_starts(((hidden, cell), inside))[1][3] == 1.0
