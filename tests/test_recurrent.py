@@ -310,3 +310,48 @@ def test_folding_sequence_starts_into_the_initial_states_computes_the_same(name,
     inside = starts.clone()
     inside[3] = 1.0
     assert fold_sequence_starts(((hidden, cell), inside))[1][3] == 1.0
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_the_step_over_sequences_is_the_step_of_the_equations(name, float64_observations):
+    """Against the TRPO step computed directly (Appendix C) on the same sequences in float64: ``g`` by autograd of the
+    masked surrogate, ``F`` as the explicit Hessian of the masked mean KL, ``x`` by a direct solve, ``β`` and the
+    first acceptable ``k``. CG runs until its residual test stops it here, so ``Δθ`` must be ``β · shrinkᵏ · x``."""
+    policy = tiny_recurrent_policy(SPACES[name])
+    batch = sequence_batch(policy)
+    obs, actions, context, weights = batch["obs"], batch["actions"], batch["context"], batch["weights"]
+    actor = ActorView(policy, obs, context)
+    theta_old = actor.flat()
+    with th.no_grad():
+        old = actor.evaluate(theta_old, obs, actions, context=context)
+    advantages = th.linspace(-1.0, 1.0, len(WEIGHTS), dtype=th.float64)
+    delta, shrink = 0.01, 0.5
+
+    def surrogate(theta: th.Tensor) -> th.Tensor:
+        log_prob = actor.evaluate(theta, obs, actions, context=context).log_prob
+        return (th.exp(log_prob - old.log_prob) * advantages * weights).sum() / weights.sum()
+
+    old_dist = torch_distribution(old.params)
+
+    def masked_mean_kl(theta: th.Tensor) -> th.Tensor:
+        new = torch_distribution(actor.evaluate(theta, obs, actions, context=context).params)
+        return (th.distributions.kl_divergence(old_dist, new) * weights).sum() / weights.sum()
+
+    g = th.autograd.functional.jacobian(surrogate, theta_old)
+    damped = th.autograd.functional.hessian(masked_mean_kl, theta_old) + DAMPING * th.eye(len(theta_old), dtype=th.float64)
+    x = th.linalg.solve(damped, g)
+    beta = float(th.sqrt(2 * delta / (x @ damped @ x)))
+    k = next(
+        k
+        for k in range(15)
+        if surrogate(theta_old + beta * shrink**k * x) > surrogate(theta_old)
+        and masked_mean_kl(theta_old + beta * shrink**k * x) <= delta
+    )
+    evaluator = RecurrentEvaluator(actor, obs, actions, context, weights, DAMPING)
+    settings = StepSettings(target_kl=delta, cg_max_steps=400, line_search_shrinking_factor=shrink, line_search_max_iter=15)
+    result = trust_region_step(evaluator, old.log_prob, advantages, settings, Replica.alone())
+    assert result.accepted
+    assert result.line_search_steps == k
+    expected = beta * shrink**k * x
+    # CG stops at a squared residual of 1e-10, so the two agree to about 1e-5 of the step, not to float64 rounding
+    assert float((actor.flat() - theta_old - expected).norm() / expected.norm()) < 1e-4
