@@ -355,3 +355,57 @@ def test_the_step_over_sequences_is_the_step_of_the_equations(name, float64_obse
     expected = beta * shrink**k * x
     # CG stops at a squared residual of 1e-10, so the two agree to about 1e-5 of the step, not to float64 rounding
     assert float((actor.flat() - theta_old - expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("policy", "observation_space"),
+    [
+        ("CnnLstmPolicy", spaces.Box(0, 255, (36, 36, 1), np.uint8)),
+        ("MultiInputLstmPolicy", spaces.Dict({"vector": BOX_OBS, "index": spaces.Discrete(3)})),
+    ],
+)
+def test_the_cnn_and_multi_input_aliases_train(policy, observation_space):
+    env = make_vec_env(lambda: RandomEnv(observation_space, SPACES["discrete"], ep_length=7), n_envs=2, seed=0)
+    kwargs = dict(lstm_hidden_size=8, net_arch=[8])
+    if policy == "CnnLstmPolicy":
+        kwargs["features_extractor_kwargs"] = dict(features_dim=16)
+    model = RecurrentTRPO(policy, env, n_steps=16, batch_size=16, seed=0, policy_kwargs=kwargs)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(64)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert any(not th.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
+
+
+def test_non_finite_observations_stop_training_with_the_model_unchanged():
+    from sb3_trpo.trpo import NonFiniteRolloutError
+
+    class NaNAfter(gym.Wrapper):
+        def __init__(self, env: gym.Env) -> None:
+            super().__init__(env)
+            self.t = 0
+
+        def step(self, action: Any) -> Any:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self.t += 1
+            return (obs * np.nan if self.t == 5 else obs), reward, terminated, truncated, info
+
+    env = make_vec_env(lambda: NaNAfter(RandomEnv(BOX_OBS, SPACES["box"])), n_envs=1, seed=0)
+    model = RecurrentTRPO("MlpLstmPolicy", env, n_steps=16, batch_size=16, seed=0, policy_kwargs=dict(lstm_hidden_size=8))
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    with pytest.raises(NonFiniteRolloutError, match="non-finite observations"):
+        model.learn(32)
+    assert all(th.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
+
+
+def test_eval_callback_evaluates_with_the_lstm_state(tmp_path):
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    model = small_model(SPACES["discrete"])
+    eval_env = make_vec_env(lambda: RandomEnv(BOX_OBS, SPACES["discrete"], ep_length=7), n_envs=1, seed=5)
+    callback = EvalCallback(
+        eval_env, eval_freq=32, n_eval_episodes=2, best_model_save_path=str(tmp_path), log_path=str(tmp_path), verbose=0
+    )
+    model.learn(128, callback=callback)
+    assert len(callback.evaluations_results) >= 2
+    assert (tmp_path / "best_model.zip").is_file()
+    RecurrentTRPO.load(tmp_path / "best_model.zip")
