@@ -202,7 +202,9 @@ def trust_region_step(
     """
     actor, weights, device = evaluator.actor, evaluator.weights, old_log_prob.device
     theta_old = actor.flat()
-    # data parallel with padded batches: this rank's means count with its share of the real rows of all ranks
+    # data parallel with weighted batches: this rank's means count with its share of the weight of all ranks (the
+    # recurrent rollouts of equal size hold equal numbers of real steps, so the share is 1 there; it is what keeps
+    # the means global for batches whose weights differ between ranks)
     share = 1.0
     if weights is not None and replica.is_distributed:
         own = float(weights.sum())

@@ -263,6 +263,9 @@ class RecurrentTRPO(TRPO):
                 loss = ((minibatch.returns - values) ** 2)[real].mean()
                 grads = th.autograd.grad(loss, params, allow_unused=True)
                 if self._replica.is_distributed:
+                    # every rank's minibatch holds the same number of real steps (the buffer takes batch_size steps,
+                    # then pads; the ranks' rollouts are of one size), so the mean over ranks of the masked means is
+                    # the masked mean over the union of the minibatches
                     grads = tuple(self._replica.mean_of_tensors(grads, params))
                 for param, grad in zip(params, grads, strict=True):
                     param.grad = grad

@@ -123,9 +123,36 @@ def recurrent(out: Path) -> None:
     th.save(result, out / f"rank{dist.get_rank()}.pt")
 
 
+RECURRENT_FIELDS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
+
+
+def recurrent_update(out: Path) -> None:
+    """As ``update``, for RecurrentTRPO: this rank's environment column of the rollout (LSTM states included), cut
+    into sequences at episode starts only (the buffer's random split fixed at 0, as in the single process)."""
+    from sb3_trpo import RecurrentTRPO
+
+    np.random.randint = lambda *args, **kwargs: 0  # type: ignore[assignment]  # the buffer's split point
+    rank = int(dist.get_rank()) if dist.is_initialized() else int(__import__("os").environ["RANK"])
+    rollout = np.load(out / "rollout.npz")
+    n_steps = rollout["rewards"].shape[0]
+    env = make_vec_env("CartPole-v1", n_envs=1)
+    model = RecurrentTRPO.load(out / "start.zip", env=env, distributed=True, batch_size=n_steps)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    buffer = model.rollout_buffer
+    for name in BUFFER_FIELDS:
+        getattr(buffer, name)[:] = rollout[name][:, rank : rank + 1]
+    for name in RECURRENT_FIELDS:  # (n_steps, layers, n_envs, hidden)
+        getattr(buffer, name)[:] = rollout[name][:, :, rank : rank + 1]
+    buffer.pos, buffer.full, buffer.generator_ready = buffer.buffer_size, True, False
+    model.train()
+    th.save({"final": flat_parameters(model), "logged": dict(model.logger.name_to_value)}, out / f"rank{rank}.pt")
+
+
 if __name__ == "__main__":
     th.set_num_threads(1)
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"train": train, "update": update, "maskable": maskable, "recurrent": recurrent}[mode](out_dir)
+    {"train": train, "update": update, "maskable": maskable, "recurrent": recurrent, "recurrent_update": recurrent_update}[
+        mode
+    ](out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
