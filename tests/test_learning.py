@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -54,3 +56,44 @@ def test_pendulum_swings_up_and_balances():
     # a policy that swings up and balances from every start scores about -150 (seeds 0, 1, 2 here: -135, -134,
     # -131); one that fails from some starts, as at 50k steps (-315 to -435), does not pass
     assert after > -200, (before, after)
+
+
+class NoVelocity(gym.ObservationWrapper):
+    """CartPole with its velocities hidden (rl-zoo3's CartPoleNoVel-v1: the velocity entries multiplied by 0)."""
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return observation * np.array([1.0, 0.0, 1.0, 0.0], dtype=observation.dtype)
+
+
+def best_evaluation_without_velocities(recurrent: bool, seed: int = 0) -> float:
+    """Train on CartPole without velocities for 100k steps (the preset of benchmarks/partial_observability.py) and
+    return the best of the deterministic evaluations made every 10k steps."""
+    import torch as th
+    from stable_baselines3.common.callbacks import EvalCallback
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    env = VecNormalize(make_vec_env("CartPole-v1", n_envs=8, seed=seed, wrapper_class=NoVelocity), gamma=0.98)
+    eval_env = VecNormalize(
+        make_vec_env("CartPole-v1", n_envs=1, seed=seed + 1000, wrapper_class=NoVelocity), training=False, norm_reward=False
+    )
+    net = dict(ortho_init=False, activation_fn=th.nn.ReLU, net_arch=dict(pi=[64], vf=[64]))
+    settings = dict(n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, target_kl=0.01, seed=seed)
+    if recurrent:
+        from sb3_trpo import RecurrentTRPO
+
+        net.update(lstm_hidden_size=64, enable_critic_lstm=True)
+        model = RecurrentTRPO("MlpLstmPolicy", env, policy_kwargs=net, **settings)
+    else:
+        model = TRPO("MlpPolicy", env, policy_kwargs=net, **settings)
+    callback = EvalCallback(eval_env, eval_freq=10_000 // 8, n_eval_episodes=10, deterministic=True, verbose=0)
+    model.learn(100_000, callback=callback)
+    return float(callback.best_mean_reward)
+
+
+@pytest.mark.slow
+def test_recurrent_trpo_balances_cartpole_without_velocities_where_an_mlp_cannot():
+    pytest.importorskip("sb3_contrib")
+    mlp = best_evaluation_without_velocities(recurrent=False)
+    lstm = best_evaluation_without_velocities(recurrent=True)
+    assert mlp < 100, mlp  # without velocities a memoryless policy cannot balance the pole (benchmark: 39-49)
+    assert lstm >= 475, lstm
