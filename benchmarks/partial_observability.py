@@ -17,8 +17,6 @@ same TRPO settings without the LSTM.
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from end_to_end import _versions  # the commit and library versions, as every benchmark records them
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "partial_observability"
 ALGORITHMS = ("recurrent_trpo", "recurrent_ppo", "trpo_mlp", "trpo_framestack")
@@ -63,26 +62,6 @@ def _schedule(value: Any) -> Any:
         start = value[1]
         return lambda progress_remaining: progress_remaining * start
     return value
-
-
-def _versions() -> dict[str, str]:
-    import gymnasium
-    import sb3_contrib
-    import stable_baselines3
-    import torch
-
-    import sb3_trpo
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return {
-        "commit": commit.stdout.strip(),
-        "sb3_trpo": sb3_trpo.__version__,
-        "sb3_contrib": sb3_contrib.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "torch": torch.__version__,
-        "gymnasium": gymnasium.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _timed_eval_callback() -> type:
