@@ -233,3 +233,23 @@ def lean_collect_rollouts(
         callback.update_locals({**step_locals, **loop_locals, "actions": actions, "values": values, "n_steps": n_steps})
     callback.on_rollout_end()
     return True
+
+
+def explain_collection_failure(last_obs: Any, policy: th.nn.Module) -> NonFiniteRolloutError | None:
+    """The clear error for a rollout that torch stopped, if non-finite inputs are why.
+
+    A policy cannot act on NaN observations or parameters: its distribution or sampler refuses them with a message
+    about its own arguments. Either collection loop turns that into one :class:`NonFiniteRolloutError`.
+
+    :param last_obs: the observations the policy was acting on (an array, or a dict of arrays)
+    :param policy: the policy
+    :return: the error to raise instead, or ``None`` if the observations and parameters are finite
+    """
+    last = last_obs.values() if isinstance(last_obs, dict) else [last_obs]
+    count = sum(count_non_finite(np.asarray(o)) for o in last)
+    if count:
+        return non_finite_rollout_error("observations", count)
+    count = sum(count_non_finite(p.detach()) for p in policy.parameters())
+    if count:
+        return non_finite_parameters_error(count)
+    return None

@@ -150,6 +150,27 @@ class CriticSnapshot:
                 self._optimizer.state.pop(param, None)
 
 
+def regress_or_undo(
+    params: Sequence[th.nn.Parameter], optimizer: th.optim.Optimizer, regress: Callable[[], float]
+) -> tuple[float, bool]:
+    """Run a critic regression, and undo it as a whole if it diverged.
+
+    A diverging regression (e.g. a learning rate far too large) leaves a non-finite loss or parameters; the
+    parameters and their optimizer state then go back to what they were before it, so the model stays usable.
+
+    :param params: the parameters the regression may move
+    :param optimizer: their optimizer
+    :param regress: runs the regression and returns its mean loss
+    :return: the mean loss, and whether the step was kept (``False``: undone)
+    """
+    snapshot = CriticSnapshot(params, optimizer)
+    loss = regress()
+    if math.isfinite(loss) and all(bool(th.isfinite(p).all()) for p in params):
+        return loss, True
+    snapshot.restore()
+    return loss, False
+
+
 def fused_adam_available(device: th.device) -> bool:
     """:return: whether ``torch.optim.Adam(fused=True)`` runs on ``device``"""
     return device.type in FUSED_ADAM_DEVICES

@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol
 import torch as th
 from stable_baselines3.common.type_aliases import PyTorchObs
 
-from sb3_trpo.actor import ActorView, PolicyEvaluation, mlp_fisher_product
+from sb3_trpo.actor import ActorView, PolicyEvaluation, RecurrentContext, mlp_fisher_product
 from sb3_trpo.critic import index_obs
 from sb3_trpo.distributed import Replica
 from sb3_trpo.distributions import kl_divergence
@@ -25,6 +25,33 @@ from sb3_trpo.fisher import FisherProduct, JacobianFisherProduct
 from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
 
 __all__ = ["Evaluator", "FeedForwardEvaluator", "PolicyStepResult", "StepSettings", "trust_region_step", "weighted_mean"]
+
+
+class RolloutBatch(NamedTuple):
+    """The whole rollout buffer as tensors on the device, ready for one update.
+
+    :param observations: observations (tensor or dict of tensors)
+    :param actions: actions in the shape the distribution's ``log_prob`` expects
+    :param old_log_prob: log-probabilities of the actions under the policy that collected them
+    :param advantages: GAE advantages, normalized if requested
+    :param returns: regression targets of the critic
+    :param old_values: the critic's predictions at collection time, for the same states as ``returns``
+    :param action_masks: the valid actions of each state when the rollout was collected with masks
+        (:class:`~sb3_trpo.maskable.MaskableTRPO`), ``None`` otherwise
+    :param context: for a recurrent policy (:class:`~sb3_trpo.recurrent.RecurrentTRPO`), the LSTM states at the start
+        of each sequence and the episode starts; ``None`` otherwise
+    :param weights: 1 for a real step, 0 for padding (sequences of a recurrent policy); ``None``: no padding
+    """
+
+    observations: PyTorchObs
+    actions: th.Tensor
+    old_log_prob: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+    old_values: th.Tensor
+    action_masks: th.Tensor | None = None
+    context: RecurrentContext | None = None
+    weights: th.Tensor | None = None
 
 
 class StepSettings(NamedTuple):

@@ -39,8 +39,8 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
 
 from sb3_trpo.actor import ActorView, PolicyEvaluation, RecurrentContext
 from sb3_trpo.fisher import FisherProduct, JacobianFisherProduct
-from sb3_trpo.policy_step import PolicyStepResult, trust_region_step
-from sb3_trpo.trpo import TRPO, RolloutBatch
+from sb3_trpo.policy_step import PolicyStepResult, RolloutBatch, trust_region_step
+from sb3_trpo.trpo import TRPO
 
 SelfRecurrentTRPO = TypeVar("SelfRecurrentTRPO", bound="RecurrentTRPO")
 

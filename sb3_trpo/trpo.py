@@ -1,104 +1,68 @@
 """Trust Region Policy Optimization as an SB3 on-policy algorithm."""
 
 import io
-import math
 import os
 import pathlib
 import warnings
 from collections.abc import Iterable
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
-from stable_baselines3.common.logger import Logger
-from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import (
     DictRolloutBufferSamples,
     GymEnv,
     MaybeCallback,
-    PyTorchObs,
     RolloutBufferSamples,
     Schedule,
 )
-from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
-from sb3_trpo.actor import ActorView, RecurrentContext
+from sb3_trpo.actor import ActorView
 from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.collection import (
     NonFiniteRolloutError,
-    count_non_finite,
+    explain_collection_failure,
     lean_collect_rollouts,
     non_finite_counts,
-    non_finite_parameters_error,
     non_finite_rollout_error,
-    vec_normalize_running_stats,
 )
 from sb3_trpo.critic import (
-    CriticSnapshot,
     MlpCriticRegression,
     critic_parameters,
     fused_adam_available,
     index_obs,
+    regress_or_undo,
     regress_values,
     set_adam_kernel,
     value_inputs,
 )
-from sb3_trpo.distributed import (
-    Distributed,
-    GlobalProgressBarCallback,
-    Replica,
-    broadcast_running_stats,
-    gpu_for_process,
-    join_process_group,
-    launched_by_torchrun,
-    local_rank,
-    local_world_size,
-    synchronize_running_stats,
-)
+from sb3_trpo.data_parallel import DataParallelAlgorithm
+from sb3_trpo.distributed import Distributed, Replica
 from sb3_trpo.lean_forward import lean_collection_gap
+from sb3_trpo.metrics import record_update
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
-from sb3_trpo.policy_step import FeedForwardEvaluator, PolicyStepResult, StepSettings, trust_region_step, weighted_mean
-from sb3_trpo.validation import check_against_spaces, check_arguments, check_spaces
+from sb3_trpo.policy_step import (
+    FeedForwardEvaluator,
+    PolicyStepResult,
+    RolloutBatch,
+    StepSettings,
+    trust_region_step,
+    weighted_mean,
+)
+from sb3_trpo.validation import check_against_spaces, check_arguments, check_rollout_size, check_spaces, target_kl_at
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
 
 __all__ = ["TRPO", "NonFiniteRolloutError"]
 
 
-class RolloutBatch(NamedTuple):
-    """The whole rollout buffer as tensors on the device, ready for one update.
-
-    :param observations: observations (tensor or dict of tensors)
-    :param actions: actions in the shape the distribution's ``log_prob`` expects
-    :param old_log_prob: log-probabilities of the actions under the policy that collected them
-    :param advantages: GAE advantages, normalized if requested
-    :param returns: regression targets of the critic
-    :param old_values: the critic's predictions at collection time, for the same states as ``returns``
-    :param action_masks: the valid actions of each state when the rollout was collected with masks
-        (:class:`~sb3_trpo.maskable.MaskableTRPO`), ``None`` otherwise
-    :param context: for a recurrent policy (:class:`~sb3_trpo.recurrent.RecurrentTRPO`), the LSTM states at the start
-        of each sequence and the episode starts; ``None`` otherwise
-    :param weights: 1 for a real step, 0 for padding (sequences of a recurrent policy); ``None``: no padding
-    """
-
-    observations: PyTorchObs
-    actions: th.Tensor
-    old_log_prob: th.Tensor
-    advantages: th.Tensor
-    returns: th.Tensor
-    old_values: th.Tensor
-    action_masks: th.Tensor | None = None
-    context: RecurrentContext | None = None
-    weights: th.Tensor | None = None
-
-
-class TRPO(OnPolicyAlgorithm):
+class TRPO(DataParallelAlgorithm):
     """
     Trust Region Policy Optimization (TRPO).
 
@@ -268,41 +232,10 @@ class TRPO(OnPolicyAlgorithm):
         :param stacklevel: of the warning, so that it points at the user's call
         """
         assert self.env is not None
-        buffer_size = self.env.num_envs * self.n_steps
-        if self.normalize_advantage and buffer_size <= 1:
-            raise ValueError(
-                f"n_steps * n_envs = {self.n_steps} * {self.env.num_envs} = {buffer_size}: with "
-                "normalize_advantage=True the rollout must hold at least 2 samples (the std of one is undefined)."
-            )
-        if buffer_size % self.batch_size > 0:
-            warnings.warn(
-                f"The critic's minibatch size {self.batch_size} does not divide the rollout size "
-                f"n_steps * n_envs = {buffer_size}: every epoch ends with a truncated minibatch of "
-                f"{buffer_size % self.batch_size} samples. A batch_size that divides {buffer_size} avoids it.",
-                stacklevel=stacklevel,
-            )
+        check_rollout_size(self.n_steps, self.env.num_envs, self.batch_size, self.normalize_advantage, stacklevel + 1)
 
     def _setup_model(self) -> None:
-        # `distributed` may come from TRPO.load's keyword arguments, which skip the constructor's checks
-        check_arguments({"distributed": self.distributed})
-        backend = None
-        if (
-            self.distributed is not False
-            and self.device.type == "cuda"
-            and self.device.index is None
-            and launched_by_torchrun()
-        ):
-            # the processes of a machine spread over its GPUs; with more processes than GPUs they share them
-            self.device, backend = gpu_for_process(local_rank(), local_world_size(), th.cuda.device_count())
-            if backend != "nccl":
-                warnings.warn(
-                    f"{local_world_size()} processes share {th.cuda.device_count()} GPU(s) on this machine, so the "
-                    f"process group uses {backend} (nccl allows one process per GPU), which is slower. Launch with "
-                    "torchrun --nproc_per_node equal to the number of GPUs for nccl.",
-                    stacklevel=2,
-                )
-            th.cuda.set_device(self.device)
-        self._replica = join_process_group(self.distributed, self.device, backend)
+        self._join_process_group()
         self._setup_policy_and_buffer()
         self._choose_adam_kernel()
         # every rank starts from rank 0's initial parameters
@@ -337,31 +270,9 @@ class TRPO(OnPolicyAlgorithm):
         super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
         self._choose_adam_kernel()
 
-    def set_random_seed(self, seed: int | None = None) -> None:
-        """Seed the random generators as SB3 does; in data-parallel training, each rank differently.
-
-        Rank ``r`` uses ``seed + r * n_envs``, so its environments get seeds disjoint from every other rank's (SB3
-        seeds environment ``i`` with ``seed + i``), and its exploration noise differs too. The parameters are the
-        same on every rank regardless: rank 0's are broadcast.
-
-        :param seed: the seed (``None``: leave the generators as they are)
-        """
-        if seed is not None and self._replica.is_distributed:
-            seed = (seed + self._replica.rank * self.n_envs) % 2**32
-        super().set_random_seed(seed)
-
     def _excluded_save_params(self) -> list[str]:
         # the actor view holds references to the policy: it is rebuilt at the first update after loading
-        # a checkpoint is an ordinary single-process model: the process-group context and the flag that joins one
-        # are not saved (pass distributed=... to TRPO.load to train the loaded model in parallel)
-        return [
-            *super()._excluded_save_params(),
-            "_actor_view",
-            "distributed",
-            "_replica",
-            "_agreed_running_stats",
-            "_collection_gap",
-        ]
+        return [*super()._excluded_save_params(), "_actor_view", "_collection_gap"]
 
     def _get_actor_view(self, batch: RolloutBatch) -> ActorView:
         """The flat view of the actor parameters, rebuilt if the policy or its modules were replaced, or a parameter
@@ -374,58 +285,27 @@ class TRPO(OnPolicyAlgorithm):
                 self._actor_view = ActorView(self.policy, batch.observations, batch.context)
         return self._actor_view
 
-    def collect_rollouts(
-        self,
-        env: VecEnv,
-        callback: BaseCallback,
-        rollout_buffer: RolloutBuffer,
-        n_rollout_steps: int,
-    ) -> bool:
-        """SB3's collection (by the lean loop where it covers the policy, see ``fast_collection``), with a clear
-        error when the environment returns non-finite observations (the policy's distribution would refuse them
-        with a message about its own parameters).
-
-        In data-parallel training, the ranks then agree: ``num_timesteps`` counts the samples of all ranks, training
-        goes on only if every rank's callbacks let it, and VecNormalize's statistics are merged.
-        """
-        timesteps_before = self.num_timesteps
-        try:
-            continue_training = self._collect_rollouts_locally(env, callback, rollout_buffer, n_rollout_steps)
-        except (ValueError, RuntimeError) as error:
-            # the policy could not act on non-finite observations or parameters: say so, in the same words whichever
-            # loop collected, instead of quoting torch's complaint (a distribution's ValueError, a sampler's RuntimeError)
-            last = self._last_obs.values() if isinstance(self._last_obs, dict) else [self._last_obs]
-            count = sum(count_non_finite(np.asarray(o)) for o in last)
-            if count:
-                raise non_finite_rollout_error("observations", count) from error
-            count = sum(count_non_finite(p.detach()) for p in self.policy.parameters())
-            if count:
-                raise non_finite_parameters_error(count) from error
-            raise
-        if not self._replica.is_distributed:
-            return continue_training
-        # one all-reduce: the global sample count, and how many ranks want to go on (a callback such as
-        # StopTrainingOnRewardThreshold may stop one rank; all must stop together or the others would wait forever)
-        steps, continuing = self._replica.sum_of_floats(
-            [self.num_timesteps - timesteps_before, float(continue_training)], self.device
-        )
-        self.num_timesteps = timesteps_before + int(steps)
-        if continuing < self._replica.world_size:
-            return False
-        self._synchronize_running_stats()
-        return True
-
     def _collect_rollouts_locally(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        """This process's rollout: by the lean loop where it covers the policy and buffer, by the general one otherwise."""
+        """This process's rollout: by the lean loop where it covers the policy and buffer (see ``fast_collection``),
+        by the general one otherwise; non-finite observations or parameters fail with :class:`NonFiniteRolloutError`
+        whichever loop collected."""
         gap = self._lean_collection_gap(rollout_buffer) if self.fast_collection else None
         if gap is not None and gap != self._collection_gap and self.verbose >= 1:
             print(f"Collecting rollouts with {self._general_loop}: the lean loop does not cover {gap}.")
         self._collection_gap = gap
-        if self.fast_collection and gap is None:
-            return self._lean_collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        return self._general_collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        try:
+            if self.fast_collection and gap is None:
+                return self._lean_collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+            return self._general_collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        except (ValueError, RuntimeError) as error:
+            # torch's complaint (a distribution's ValueError, a sampler's RuntimeError) about non-finite inputs,
+            # told in the same words whichever loop collected
+            explained = explain_collection_failure(self._last_obs, self.policy)
+            if explained is None:
+                raise
+            raise explained from error
 
     #: the loop that collects what the lean loop does not cover (named in the verbose message)
     _general_loop = "SB3's loop"
@@ -442,58 +322,7 @@ class TRPO(OnPolicyAlgorithm):
     def _general_collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-
-    def _synchronize_running_stats(self) -> None:
-        """Merge every rank's VecNormalize updates of the last rollout, so all ranks normalize alike."""
-        stats = vec_normalize_running_stats(self.env)
-        if stats and len(stats) == len(self._agreed_running_stats):
-            synchronize_running_stats(self._replica, stats, self._agreed_running_stats, self.device)
-
-    def _setup_learn(
-        self,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        reset_num_timesteps: bool = True,
-        tb_log_name: str = "run",
-        progress_bar: bool = False,
-    ) -> tuple[int, BaseCallback]:
-        """SB3's set-up, and in data-parallel training: identical rollout sizes, rank 0's parameters and
-        VecNormalize statistics on every rank, and logs written by rank 0 only."""
-        replica = self._replica
-        if replica.is_distributed:
-            assert self.env is not None
-            rollout_size = self.n_steps * self.env.num_envs
-            if not replica.all_agree(rollout_size, self.device):
-                raise ValueError(
-                    f"Every rank must collect rollouts of the same size, but this rank's n_steps * n_envs = "
-                    f"{self.n_steps} * {self.env.num_envs} = {rollout_size} differs from another rank's: give every "
-                    "rank the same n_steps and number of environments."
-                )
-            # a loaded model, or parameters set by the user: rank 0's win, so every rank takes identical steps
-            replica.broadcast_tensors(self.policy.state_dict().values())
-            # before SB3 resets the env, which updates VecNormalize's statistics with this rank's first observations
-            self._agreed_running_stats = broadcast_running_stats(replica, vec_normalize_running_stats(self.env), self.device)
-        quiet = not replica.is_main and not self._custom_logger
-        if quiet:  # a logger without outputs: rank 0 alone writes stdout, CSV and TensorBoard
-            self.set_logger(Logger(folder=None, output_formats=[]))
-        try:
-            return super()._setup_learn(
-                total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar and replica.is_main
-            )
-        finally:
-            if quiet:  # the next learn() configures the logger again, as SB3 does
-                self._custom_logger = False
-
-    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
-        """SB3's callback set-up; in data-parallel training the progress bar counts the samples of all ranks."""
-        if not (progress_bar and self._replica.is_distributed):
-            return super()._init_callback(callback, progress_bar)
-        if isinstance(callback, list):
-            callback = CallbackList(callback)
-        if not isinstance(callback, BaseCallback):
-            callback = ConvertCallback(callback)
-        return super()._init_callback(CallbackList([callback, GlobalProgressBarCallback(self._replica.world_size)]))
+        return super()._collect_rollouts_locally(env, callback, rollout_buffer, n_rollout_steps)
 
     def _check_rollout_is_finite(self) -> None:
         """Refuse to learn from NaN or infinite observations, rewards, values or advantages.
@@ -541,51 +370,13 @@ class TRPO(OnPolicyAlgorithm):
         step = self._policy_step(actor, batch, target_kl)
         value_loss = self._critic_step(actor, batch)
         self._n_updates += 1
-        self.logger.record("train/skipped_policy_steps", self._skipped_policy_steps)
-        self.logger.record("train/skipped_critic_steps", self._skipped_critic_steps)
-
-        self.logger.record("train/policy_objective", step.policy_objective)
-        self.logger.record("train/kl_divergence_loss", step.kl_divergence)
-        self.logger.record("train/target_kl", target_kl)
-        self.logger.record("train/is_line_search_success", float(step.accepted))
-        self.logger.record("train/surrogate_improvement", step.surrogate_improvement)
-        self.logger.record("train/expected_improvement", step.expected_improvement)
-        self.logger.record("train/line_search_steps", step.line_search_steps)
-        self.logger.record("train/step_size", step.step_size)
-        self.logger.record("train/cg_residual", step.cg_residual)
-        self.logger.record("train/entropy", step.entropy)
-        self.logger.record("train/value_loss", value_loss)
-        self.logger.record(
-            "train/explained_variance",
-            explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()),
-        )
-        if hasattr(self.policy, "log_std"):
-            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        if self._replica.is_distributed:
-            # this iteration's all-reduces (rollout agreement and update): what multi-node scaling depends on
-            self.logger.record("distributed/bytes_reduced", self._replica.bytes_reduced)
-            self.logger.record("distributed/all_reduces", self._replica.all_reduces)
-            self._replica.bytes_reduced = self._replica.all_reduces = 0
+        skipped = (self._skipped_policy_steps, self._skipped_critic_steps)
+        record_update(self.logger, step, target_kl, value_loss, self.rollout_buffer, self.policy, self._n_updates, skipped)
+        self._record_communication()
 
     def _current_target_kl(self) -> float:
-        """The trust-region radius for this update: ``target_kl``, or its schedule at the current progress.
-
-        :raises ValueError: if a schedule returns anything but a finite number >= 0 (before anything changes)
-        """
-        if not callable(self.target_kl):
-            return self.target_kl
-        progress = self._current_progress_remaining
-        try:
-            value = float(self.target_kl(progress))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"The target_kl schedule failed at progress_remaining={progress:.4g}: {error}") from error
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(
-                f"The target_kl schedule returned {value!r} at progress_remaining={progress:.4g}: it must return finite "
-                "numbers >= 0 (0 leaves the policy unchanged). Nothing was updated: the model is as before this call."
-            )
-        return value
+        """The trust-region radius for this update (:func:`~sb3_trpo.validation.target_kl_at`)."""
+        return target_kl_at(self.target_kl, self._current_progress_remaining)
 
     def _policy_step(self, actor: ActorView, batch: RolloutBatch, target_kl: float) -> PolicyStepResult:
         """One trust-region step on the rollout (:func:`~sb3_trpo.policy_step.trust_region_step`); a step a numerical
@@ -632,11 +423,10 @@ class TRPO(OnPolicyAlgorithm):
             return self._replica.mean_of_floats([rollout_loss], self.device)[0]
         actor_ids = {id(p) for p in actor.parameters}
         params = critic_parameters(self.policy, actor_ids)
-        snapshot = CriticSnapshot(params, self.policy.optimizer)
-        mean_loss = self._regress_critic(params, actor_ids, batch)
-        if not math.isfinite(mean_loss) or not all(bool(th.isfinite(p).all()) for p in params):
-            # a diverging regression (e.g. a learning rate far too large): undo the whole critic step
-            snapshot.restore()
+        mean_loss, kept = regress_or_undo(
+            params, self.policy.optimizer, lambda: self._regress_critic(params, actor_ids, batch)
+        )
+        if not kept:
             self._skipped_critic_steps += 1
             warnings.warn(
                 f"TRPO undid the critic step of update {self._n_updates + 1}: the value loss or the critic's parameters "

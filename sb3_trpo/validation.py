@@ -7,6 +7,7 @@ to the others instead of an ``if`` somewhere in ``__init__``.
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -187,3 +188,50 @@ def check_against_spaces(observation_space: spaces.Space, rollout_buffer_class: 
                 f"rollout_buffer_class={rollout_buffer_class.__name__} is not allowed with the observation space "
                 f"{observation_space}: it needs {needed} (or None to choose automatically)."
             )
+
+
+def check_rollout_size(n_steps: int, n_envs: int, batch_size: int, normalize_advantage: bool, stacklevel: int) -> None:
+    """Refuse a rollout too small to normalize, and warn about a truncated last minibatch.
+
+    :param n_steps: steps per environment per rollout
+    :param n_envs: number of environments
+    :param batch_size: the critic's minibatch size
+    :param normalize_advantage: whether advantages are normalized over the rollout
+    :param stacklevel: of the warning, so that it points at the user's call
+    :raises ValueError: if advantages are normalized over fewer than 2 samples
+    """
+    buffer_size = n_envs * n_steps
+    if normalize_advantage and buffer_size <= 1:
+        raise ValueError(
+            f"n_steps * n_envs = {n_steps} * {n_envs} = {buffer_size}: with normalize_advantage=True the rollout must "
+            "hold at least 2 samples (the std of one is undefined)."
+        )
+    if buffer_size % batch_size > 0:
+        warnings.warn(
+            f"The critic's minibatch size {batch_size} does not divide the rollout size n_steps * n_envs = "
+            f"{buffer_size}: every epoch ends with a truncated minibatch of {buffer_size % batch_size} samples. A "
+            f"batch_size that divides {buffer_size} avoids it.",
+            stacklevel=stacklevel + 1,
+        )
+
+
+def target_kl_at(target_kl: float | Callable[[float], float], progress_remaining: float) -> float:
+    """The trust-region radius of an update: ``target_kl``, or its schedule at the current progress.
+
+    :param target_kl: a number, or a schedule of the progress remaining (from 1 to 0)
+    :param progress_remaining: the progress remaining at this update
+    :return: the radius, a finite number >= 0
+    :raises ValueError: if a schedule fails or returns anything but a finite number >= 0
+    """
+    if not callable(target_kl):
+        return target_kl
+    try:
+        value = float(target_kl(progress_remaining))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"The target_kl schedule failed at progress_remaining={progress_remaining:.4g}: {error}") from error
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"The target_kl schedule returned {value!r} at progress_remaining={progress_remaining:.4g}: it must return "
+            "finite numbers >= 0 (0 leaves the policy unchanged). Nothing was updated: the model is as before this call."
+        )
+    return value

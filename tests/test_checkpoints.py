@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import sb3_trpo.critic
@@ -90,16 +91,16 @@ def test_interrupted_save_keeps_the_previous_checkpoint(saved, tmp_path, monkeyp
     path, model = saved
     target = tmp_path / "model.zip"
     target.write_bytes(path.read_bytes())
-    original = sb3_trpo.trpo.OnPolicyAlgorithm.save
+    original = OnPolicyAlgorithm.save
 
     def save_half(self, file, *args, **kwargs):
         file.write(b"PK\x03\x04 partial")  # something was written when the failure hits
         raise error("disk full" if error is RuntimeError else "")
 
-    monkeypatch.setattr(sb3_trpo.trpo.OnPolicyAlgorithm, "save", save_half)
+    monkeypatch.setattr(OnPolicyAlgorithm, "save", save_half)
     with pytest.raises(error):
         model.save(target)
-    monkeypatch.setattr(sb3_trpo.trpo.OnPolicyAlgorithm, "save", original)
+    monkeypatch.setattr(OnPolicyAlgorithm, "save", original)
     assert target.read_bytes() == path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]  # no temporary file left behind
     TRPO.load(target)

@@ -265,7 +265,7 @@ class _GroupJoinedError(Exception):
 
 
 def test_two_processes_on_a_machine_with_one_gpu_share_it(monkeypatch):
-    import sb3_trpo.trpo
+    import sb3_trpo.data_parallel
 
     launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     for name, value in {**launcher, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
@@ -279,7 +279,7 @@ def test_two_processes_on_a_machine_with_one_gpu_share_it(monkeypatch):
         chosen.append((device, backend))
         raise _GroupJoinedError
 
-    monkeypatch.setattr(sb3_trpo.trpo, "join_process_group", join)
+    monkeypatch.setattr(sb3_trpo.data_parallel, "join_process_group", join)
     with pytest.warns(UserWarning, match=r"2 processes share 1 GPU\(s\).*gloo"), pytest.raises(_GroupJoinedError):
         TRPO("MlpPolicy", "CartPole-v1", device="cuda", distributed=True)
     assert chosen == [th.device("cuda", 0), (th.device("cuda", 0), "gloo")]  # cuda:1 does not exist here
