@@ -1,5 +1,6 @@
 """The ``sb3-trpo`` command line: train, eval and plot on short runs, and their error paths."""
 
+import ast
 import inspect
 import json
 import pathlib
@@ -16,7 +17,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo import TRPO
 from sb3_trpo.cli import main
-from sb3_trpo.cli.presets import DEFAULT, CliError, apply_overrides, load_presets, model_kwargs, preset_for
+from sb3_trpo.cli.presets import DEFAULT, CliError, algorithm_for, apply_overrides, load_presets, model_kwargs, preset_for
 from sb3_trpo.cli.runs import BEST_MODEL, BEST_VEC_NORMALIZE, CONFIG, EVALUATIONS, MODEL, VEC_NORMALIZE
 
 SHORT = ["--timesteps", "2048", "--eval-freq", "1024", "--eval-episodes", "2", "--seed", "0", "--no-progress-bar"]
@@ -238,7 +239,7 @@ def test_eval_video_without_moviepy_says_how_to_install_it(cartpole_run, capsys,
     assert "pip install moviepy" in error_of(["eval", str(cartpole_run), "--video", "videos"], capsys)
 
 
-def test_every_preset_is_valid_for_trpo():
+def test_every_preset_is_valid_for_its_algorithm():
     presets = load_presets()
     assert {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "LunarLander-v3", "Hopper-v5"} <= set(presets)
     for env_id in presets:
@@ -246,7 +247,8 @@ def test_every_preset_is_valid_for_trpo():
         assert preset.source
         assert preset.n_envs >= 1
         assert preset.n_timesteps >= 1
-        TRPO(preset.policy, None, **model_kwargs(preset.hyperparams), _init_setup_model=False)  # accepted and valid
+        algorithm = algorithm_for(preset.policy)  # RecurrentTRPO for an LSTM policy
+        algorithm(preset.policy, None, **model_kwargs(preset.hyperparams), _init_setup_model=False)  # accepted and valid
 
 
 def test_other_versions_share_a_preset_and_unknown_environments_get_defaults():
@@ -347,3 +349,72 @@ def test_a_malformed_schedule_says_how_to_write_one(bad):
     preset = apply_overrides(DEFAULT, [f"target_kl={bad}"])
     with pytest.raises(CliError, match=r"target_kl=.*: a schedule is written \{'linear': \[start, end\]\}"):
         model_kwargs(preset.hyperparams)
+
+
+PARTIAL_OBSERVABILITY_RESULTS = LEARNING_RESULTS.parent / "partial_observability"
+
+
+@pytest.mark.parametrize("env_id", ["CartPoleNoVel-v1", "PendulumNoVel-v1", "MountainCarContinuousNoVel-v0"])
+def test_a_recurrent_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_result(env_id, monkeypatch):
+    """As for the MuJoCo presets: a partially observed task's preset is exactly what RecurrentTRPO ran in
+    ``benchmarks/partial_observability.py`` (3 seeds), and its ``source`` quotes their mean final return."""
+    entry = load_presets().get(env_id)
+    if entry is None:
+        pytest.skip(f"{env_id}: no measured preset")
+    monkeypatch.syspath_prepend(str(LEARNING_RESULTS.parents[1]))  # the benchmark script imports its neighbours
+    from partial_observability import LSTM_NET, TASKS
+
+    runs = [
+        json.loads(p.read_text())
+        for p in sorted((PARTIAL_OBSERVABILITY_RESULTS / entry["benchmark"]).glob("seed*/result.json"))
+    ]
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2]
+    preset = preset_for(env_id)
+    task = TASKS[env_id]
+    assert (preset.policy, preset.normalize) == ("MlpLstmPolicy", True)  # the script always normalizes
+    expected_policy_kwargs = {**task.get("policy", LSTM_NET), **({"activation_fn": th.nn.ReLU} if task["relu"] else {})}
+    kwargs = model_kwargs(preset.hyperparams)
+    assert kwargs.pop("policy_kwargs") == expected_policy_kwargs
+    for run in runs:
+        assert (run["task"], run["algorithm"]) == (env_id, "recurrent_trpo")
+        assert int(run["settings"]["timesteps"]) == preset.n_timesteps
+        assert int(run["settings"]["n_envs"]) == preset.n_envs
+        assert ast.literal_eval(run["settings"]["trpo"]) == kwargs
+    mean_final = float(np.mean([r["final_return"] for r in runs]))
+    assert f"{mean_final:.1f}" in preset.source
+
+
+def test_an_lstm_policy_trains_recurrent_trpo_and_eval_loads_it(tmp_path, capsys):
+    output = tmp_path / "run"
+    lstm = ["policy=MlpLstmPolicy", "policy_kwargs={'lstm_hidden_size': 8, 'net_arch': [8]}"]
+    assert main(["train", "CartPole-v1", "--output", str(output), *SHORT, *SMALL, *lstm]) == 0
+    assert "Training RecurrentTRPO on CartPole-v1" in capsys.readouterr().out
+    assert json.loads((output / CONFIG).read_text())["algorithm"] == "RecurrentTRPO"
+    model = algorithm_for("MlpLstmPolicy").load(output / "model.zip")
+    assert type(model).__name__ == "RecurrentTRPO"
+    assert main(["eval", str(output), "--episodes", "2"]) == 0  # the run folder: config.json names the algorithm
+    assert main(["eval", str(output / "model.zip"), "CartPole-v1", "--episodes", "2"]) == 0  # the file alone
+    assert capsys.readouterr().out.count("CartPole-v1: return") == 2
+
+
+def test_a_policy_that_cannot_read_the_observations_is_refused_for_lstm_policies_too(tmp_path, capsys):
+    error = error_of(
+        ["train", "CartPole-v1", "--output", str(tmp_path / "run"), "--hyperparams", "policy=CnnLstmPolicy"], capsys
+    )
+    assert "policy=CnnLstmPolicy is for image observations" in error
+    assert "use MlpLstmPolicy" in error
+
+
+def test_an_lstm_policy_without_sb3_contrib_names_the_install_command(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_contrib(name, *args, **kwargs):
+        if name.startswith("sb3_contrib") or name == "sb3_trpo.recurrent":
+            raise ImportError('install it with `pip install "sb3-trpo[recurrent]"`')
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_contrib)
+    with pytest.raises(CliError, match=r"policy=MlpLstmPolicy trains RecurrentTRPO: .*sb3-trpo\[recurrent\]"):
+        algorithm_for("MlpLstmPolicy")

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--video needs moviepy, which gymnasium's RecordVideo writes videos with: pip install moviepy")
     try:
         # without an environment: evaluate_policy is given one, and its spaces are checked below with a clearer message
-        model = TRPO.load(model_file, device=args.device)
+        model = runs.algorithm_of(model_file, config).load(model_file, device=args.device)
     except ValueError as error:
         raise CliError(str(error)) from None
 

@@ -33,13 +33,34 @@ class CliError(Exception):
     """A mistake in what the user asked for: printed as one line, exit status 2."""
 
 
+#: sb3-contrib's recurrent policy aliases: a run with one of them trains :class:`~sb3_trpo.RecurrentTRPO`
+RECURRENT_POLICIES = ("MlpLstmPolicy", "CnnLstmPolicy", "MultiInputLstmPolicy")
+#: every policy alias ``policy=`` takes
+POLICIES = (*TRPO.policy_aliases, *RECURRENT_POLICIES)
+
+
+def algorithm_for(policy: str) -> type[TRPO]:
+    """The algorithm that trains a policy alias: ``RecurrentTRPO`` for the LSTM policies, ``TRPO`` otherwise.
+
+    :param policy: a policy alias (one of :data:`POLICIES`)
+    :raises CliError: for an LSTM policy without sb3-contrib installed
+    """
+    if policy not in RECURRENT_POLICIES:
+        return TRPO
+    try:
+        from sb3_trpo.recurrent import RecurrentTRPO
+    except ImportError as error:
+        raise CliError(f"policy={policy} trains RecurrentTRPO: {error}") from None
+    return RecurrentTRPO
+
+
 class Preset(NamedTuple):
     """How to train on one environment.
 
     :param n_envs: number of parallel environments
     :param normalize: whether to wrap them in ``VecNormalize``
     :param n_timesteps: training budget
-    :param policy: policy alias
+    :param policy: policy alias (an LSTM policy trains ``RecurrentTRPO``)
     :param hyperparams: TRPO keywords
     :param source: where the values come from (``None`` when no preset exists for the environment)
     :param env_kwargs: keywords of ``gymnasium.make`` for the training and evaluation environments (rl-zoo3's
@@ -159,8 +180,11 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             f"--hyperparams env_kwargs={run['env_kwargs']!r}: env_kwargs must be a dict of gymnasium.make keywords, "
             "e.g. env_kwargs={'include_cfrc_ext_in_observation': False}."
         )
-    if run["policy"] not in TRPO.policy_aliases:
-        raise CliError(f"--hyperparams policy={run['policy']!r}: policy must be one of {', '.join(TRPO.policy_aliases)}.")
+    if run["policy"] not in POLICIES:
+        raise CliError(
+            f"--hyperparams policy={run['policy']!r}: policy must be one of {', '.join(POLICIES)} (the Lstm policies "
+            "train RecurrentTRPO)."
+        )
     return Preset(
         n_envs=int(run["n_envs"]),
         normalize=bool(run["normalize"]),

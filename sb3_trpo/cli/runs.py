@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import sys
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_trpo.cli.presets import CliError
+from sb3_trpo.cli.presets import RECURRENT_POLICIES, CliError, algorithm_for
+from sb3_trpo.trpo import TRPO
 
 CONFIG = "config.json"  # environment, seed, run settings and hyperparameters of the run
 MODEL = "model.zip"  # the model at the end of training
@@ -207,3 +209,24 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     if not isinstance(config, dict):
         raise CliError(f"{path} does not hold a run's settings.")
     return config
+
+
+def algorithm_of(model_file: Path, config: dict[str, Any]) -> type[TRPO]:
+    """The class that loads a saved model: the run's ``algorithm`` in ``config.json``, else ``RecurrentTRPO`` when the
+    file's policy is one of sb3-contrib's recurrent policies, else ``TRPO``.
+
+    :param model_file: a model ``.zip``
+    :param config: the run's ``config.json`` (empty for a model outside a run folder)
+    :raises CliError: for a recurrent model without sb3-contrib installed
+    """
+    name = config.get("algorithm")
+    if name is None:
+        try:
+            with zipfile.ZipFile(model_file) as archive:
+                policy_class = json.loads(archive.read("data"))["policy_class"]
+            # SB3 writes a class as its module and the names in its own namespace
+            recurrent = "_process_sequence" in policy_class or "recurrent" in str(policy_class.get("__module__", ""))
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile):
+            recurrent = False  # a damaged file: TRPO.load's own check says what is wrong with it
+        name = "RecurrentTRPO" if recurrent else "TRPO"
+    return algorithm_for(RECURRENT_POLICIES[0] if name == "RecurrentTRPO" else "MlpPolicy")

@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_nor
 
 import sb3_trpo
 from sb3_trpo.cli import runs
-from sb3_trpo.cli.presets import CliError, apply_overrides, model_kwargs, preset_for
+from sb3_trpo.cli.presets import CliError, algorithm_for, apply_overrides, model_kwargs, preset_for
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.validation import check_spaces
 
@@ -101,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(f"environment {args.env_id}: {error}") from None
     _check_policy_fits(settings.policy, env.observation_space, settings.hyperparams.get("policy_kwargs"), args.env_id)
+    algorithm = algorithm_for(settings.policy)  # RecurrentTRPO for an LSTM policy
     if settings.normalize:
         gamma = settings.hyperparams.get("gamma", 0.99)
         env = VecNormalize(env, gamma=gamma)
         # evaluation sees normalized observations (statistics synchronized by EvalCallback) and the true rewards
         eval_env = VecNormalize(eval_env, gamma=gamma, training=False, norm_reward=False)
     try:
-        model = TRPO(
+        model = algorithm(
             settings.policy,
             env,
             seed=seed,
@@ -136,13 +137,16 @@ def run(args: argparse.Namespace) -> int:
             "normalize": settings.normalize,
             "env_kwargs": settings.env_kwargs,
             "timesteps": timesteps,
+            "algorithm": algorithm.__name__,  # eval loads the model with it
             "policy": settings.policy,
             "hyperparams": settings.hyperparams,
             "preset": settings.source,
             "versions": _versions(),
         },
     )
-    print(f"Training TRPO on {args.env_id} for {timesteps:,} timesteps, seed {seed}, {n_envs} env(s) -> {output}")
+    print(
+        f"Training {algorithm.__name__} on {args.env_id} for {timesteps:,} timesteps, seed {seed}, {n_envs} env(s) -> {output}"
+    )
     print(f"Preset: {settings.source or 'none for this environment: TRPO defaults'}")
     if settings.env_kwargs:
         print(f"Environment keywords: {settings.env_kwargs}")
@@ -181,18 +185,20 @@ def _check_policy_fits(policy: str, observation_space: spaces.Space, policy_kwar
     """Refuse a policy that cannot read the environment's observations, which SB3 finds out only by failing to build
     it (an assertion in its CNN, an ``AttributeError`` in its Dict extractor).
 
-    :param policy: the policy alias
+    :param policy: the policy alias (an LSTM policy reads observations as its feed-forward counterpart does)
     :param observation_space: the environment's observation space
     :param policy_kwargs: the ``policy_kwargs`` hyperparameter, if any
     :param env_id: the environment, for the message
     :raises CliError: for ``MultiInputPolicy`` without Dict observations, or ``CnnPolicy`` without images
     """
     observes = f"{env_id} observes {runs.describe_space(observation_space)}"
+    kind = policy.replace("Lstm", "")  # what the policy reads: MlpLstmPolicy as MlpPolicy, and so on
+    mlp = policy.replace("MultiInput", "Mlp").replace("Cnn", "Mlp")
     is_dict = isinstance(observation_space, spaces.Dict)
-    if policy == "MultiInputPolicy" and not is_dict:
-        raise CliError(f"--hyperparams policy=MultiInputPolicy is for Dict observations; {observes}: use MlpPolicy.")
+    if kind == "MultiInputPolicy" and not is_dict:
+        raise CliError(f"--hyperparams policy={policy} is for Dict observations; {observes}: use {mlp}.")
     kwargs = policy_kwargs if isinstance(policy_kwargs, dict) else {}
-    if policy != "CnnPolicy" or is_dict or "features_extractor_class" in kwargs:
+    if kind != "CnnPolicy" or is_dict or "features_extractor_class" in kwargs:
         return  # SB3 itself refuses CnnPolicy on Dict observations (ValueError); a custom extractor reads what it reads
     # SB3's CNN skips its check of dtype and bounds for images said to be normalized already, as SB3 decides it
     extractor_kwargs = kwargs.get("features_extractor_kwargs")
@@ -201,9 +207,9 @@ def _check_policy_fits(policy: str, observation_space: spaces.Space, policy_kwar
     )
     if not is_image_space(observation_space, check_channels=False, normalized_image=normalized):
         raise CliError(
-            "--hyperparams policy=CnnPolicy is for image observations (a Box of shape (height, width, channels) or "
+            f"--hyperparams policy={policy} is for image observations (a Box of shape (height, width, channels) or "
             f"(channels, height, width), uint8 in [0, 255] unless policy_kwargs has normalize_images=False); {observes}: "
-            "use MlpPolicy."
+            f"use {mlp}."
         )
 
 
