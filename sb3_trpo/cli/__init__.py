@@ -1,16 +1,17 @@
-"""The ``sb3-trpo`` command line: ``train``, ``eval`` and ``plot`` (also ``python -m sb3_trpo``)."""
+"""The ``sb3-trpo`` command line: ``train``, ``eval``, ``plot`` and ``zoo`` (also ``python -m sb3_trpo``)."""
 
 import argparse
 import sys
 from collections.abc import Sequence
 
-from sb3_trpo.cli import evaluate, plot, train
+from sb3_trpo.cli import evaluate, plot, train, zoo
 from sb3_trpo.cli.presets import CliError
 
 COMMANDS = {
     "train": (train, "train TRPO on an environment with its tuned preset"),
     "eval": (evaluate, "evaluate a trained model: mean and std of the return over N episodes"),
     "plot": (plot, "plot learning curves of one or more runs to PNG"),
+    "zoo": (zoo, "rl-zoo3's train (and -optimize) or enjoy, with sb3_trpo's TRPO classes and presets"),
 }
 
 
