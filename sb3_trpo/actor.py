@@ -165,8 +165,12 @@ class ActorView:
         return tuple((id(p), p.requires_grad) for p in policy.parameters())
 
     def is_view_of(self, policy: nn.Module) -> bool:
-        """:return: whether this view still describes ``policy``: same object, same parameter objects, each as
-        trainable as it was when the view was built"""
+        """Whether this view still describes ``policy``.
+
+        :param policy: the policy the view was built from, or another
+        :return: ``True`` for the same object with the same parameter objects, each as trainable as when the view was
+            built
+        """
         return policy is self.policy and self.parameter_key(policy) == self._parameter_key
 
     @property

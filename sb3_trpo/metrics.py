@@ -1,4 +1,4 @@
-"""The ``train/*`` metrics every update logs, in one place (the README's "Logged metrics" explains each)."""
+"""The ``train/*`` metrics every update logs, in one place (docs/algorithm.md, "Logged metrics", explains each)."""
 
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer

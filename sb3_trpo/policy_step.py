@@ -70,7 +70,7 @@ class StepSettings(NamedTuple):
 
 
 class PolicyStepResult(NamedTuple):
-    """Diagnostics of one trust-region policy step (see the README for their meaning).
+    """Diagnostics of one trust-region policy step (the documentation's "The algorithm" page explains each: docs/algorithm.md).
 
     :param policy_objective: surrogate at the new parameters (the old ones if the step was rejected)
     :param kl_divergence: mean KL(old || new) of the accepted step, 0 if rejected

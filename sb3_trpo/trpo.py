@@ -119,7 +119,7 @@ class TRPO(DataParallelAlgorithm):
         ranks of the gradient, Fisher products, line-search values, advantage statistics and critic gradients.
         ``True`` requires a launcher environment or an initialized process group; ``"auto"`` uses one if present
         and runs as a single process otherwise; ``False`` (default) never does. ``learn(total_timesteps)`` then
-        counts the samples of all ranks; only rank 0 logs and saves. See the README's "Distributed training".
+        counts the samples of all ranks; only rank 0 logs and saves. See docs/distributed.md.
     :param fast_collection: (keyword only) Collect rollouts with the lean loop of ``sb3_trpo.collection``, which
         stores exactly what SB3's ``collect_rollouts`` would (same buffer contents, random numbers and callbacks)
         in a fraction of the time. Policies it does not cover (a custom ``forward``, forward hooks, a custom

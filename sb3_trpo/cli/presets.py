@@ -24,7 +24,7 @@ FLAG_KEYS = {
     "tensorboard_log": "use --tensorboard-log for it",
     "verbose": "use --verbose for it",
     "env": "the environment is the ENV_ID argument",
-    "distributed": "distributed training needs a script launched with torchrun (README: Distributed training)",
+    "distributed": "distributed training needs a script launched with torchrun (docs/distributed.md)",
     "_init_setup_model": "it is internal to SB3",
 }
 
