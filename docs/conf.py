@@ -19,7 +19,7 @@ extensions = [
     "myst_parser",  # the guide pages are Markdown, as the README they came from
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "_intro.md"]
+exclude_patterns = ["_build"]
 myst_heading_anchors = 4  # `page.md#a-heading` links, as GitHub writes them
 myst_enable_extensions = ["colon_fence"]
 autodoc_member_order = "bysource"
