@@ -29,6 +29,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from timing import Section
 
 import sb3_trpo
+import sb3_trpo.policy_step
 import sb3_trpo.trpo
 
 
@@ -154,8 +155,8 @@ def run_case(name: str, case: Case, repeats: int) -> dict[str, Any]:
                 times[label].append(time.perf_counter() - start)
     # where the time goes inside sb3_trpo's train(), on separate (non-compared) calls
     with (
-        sections.patched(sb3_trpo.trpo, "conjugate_gradient", "conjugate gradient"),
-        sections.patched(sb3_trpo.trpo, "backtracking_line_search", "line search"),
+        sections.patched(sb3_trpo.policy_step, "conjugate_gradient", "conjugate gradient"),
+        sections.patched(sb3_trpo.policy_step, "backtracking_line_search", "line search"),
         sections.patched(sb3_trpo.trpo.TRPO, "_policy_step", "policy step"),
         sections.patched(sb3_trpo.trpo.TRPO, "_critic_step", "critic step"),
     ):
