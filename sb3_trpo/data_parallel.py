@@ -39,8 +39,9 @@ from sb3_trpo.validation import check_arguments
 class DataParallelAlgorithm(OnPolicyAlgorithm):
     """SB3's on-policy algorithm, trained by one process or by the ranks of a ``torch.distributed`` process group.
 
-    Subclasses set ``distributed`` before calling :meth:`_join_process_group` from their ``_setup_model``, and
-    collect their own rollout in :meth:`_collect_rollouts_locally`.
+    Subclasses set ``distributed``, ``_replica`` (``Replica.alone()``) and ``_agreed_running_stats`` (``[]``) in their
+    constructor, call :meth:`_join_process_group` from their ``_setup_model``, and collect their own rollout in
+    :meth:`_collect_rollouts_locally`.
     """
 
     distributed: Distributed
@@ -53,7 +54,6 @@ class DataParallelAlgorithm(OnPolicyAlgorithm):
         """Join the process group ``distributed`` asks for, on this process's GPU when the device is plain CUDA."""
         # `distributed` may come from load()'s keyword arguments, which skip the constructor's checks
         check_arguments({"distributed": self.distributed})
-        self._agreed_running_stats = []
         backend = None
         if (
             self.distributed is not False
