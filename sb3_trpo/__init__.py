@@ -2,12 +2,22 @@
 
 from typing import Any
 
+from sb3_trpo.checkpoints import load_latest_checkpoint
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo.trpo import TRPO
 
 __version__ = "0.1.0"
 
-__all__ = ["TRPO", "CnnPolicy", "MaskableTRPO", "MlpPolicy", "MultiInputPolicy", "RecurrentTRPO", "__version__"]
+__all__ = [
+    "TRPO",
+    "CnnPolicy",
+    "MaskableTRPO",
+    "MlpPolicy",
+    "MultiInputPolicy",
+    "RecurrentTRPO",
+    "__version__",
+    "load_latest_checkpoint",
+]
 
 
 def __getattr__(name: str) -> Any:

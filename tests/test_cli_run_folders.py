@@ -16,14 +16,14 @@ TINY = [
     *["--hyperparams", "n_steps=32", "batch_size=32", "n_critic_updates=1"],
 ]
 NORMALIZED = [*TINY, "normalize=True", "--eval-freq", "32"]  # every file a run may leave
-PLAIN = [*TINY, "normalize=False", "--eval-freq", "0"]  # the fewest: config.json and model.zip
+PLAIN = [*TINY, "normalize=False", "--eval-freq", "0", "--checkpoint-freq", "0"]  # the fewest: config.json and model.zip
 
 
 @pytest.fixture(scope="module")
 def normalized_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("runs") / "normalized"
     assert main(["train", ENV, "--output", str(output), *NORMALIZED]) == 0
-    for name in (CONFIG, MODEL, BEST_MODEL, EVALUATIONS, VEC_NORMALIZE, BEST_VEC_NORMALIZE):
+    for name in (CONFIG, MODEL, BEST_MODEL, EVALUATIONS, VEC_NORMALIZE, BEST_VEC_NORMALIZE, "checkpoints/64/state.json"):
         assert (output / name).is_file(), name
     return output
 
@@ -37,7 +37,7 @@ def plain_run(tmp_path_factory):
 
 
 def _contents(folder):
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 def test_train_refuses_a_folder_that_holds_a_run(normalized_run, tmp_path, capsys):

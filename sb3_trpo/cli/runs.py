@@ -6,14 +6,14 @@ import json
 import os
 import sys
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_trpo.cli.presets import RECURRENT_POLICIES, CliError, algorithm_for
 from sb3_trpo.trpo import TRPO
@@ -28,6 +28,8 @@ EVALUATIONS = "evaluations.npz"  # periodic evaluations: timesteps, returns, epi
 SEED_RANGE = range(2**32)
 #: every file `train` writes into a run folder: one of them makes the folder hold a run, and --overwrite removes them
 RUN_FILES = (CONFIG, MODEL, BEST_MODEL, VEC_NORMALIZE, BEST_VEC_NORMALIZE, EVALUATIONS)
+#: the folders `train` writes into a run folder (its checkpoints), removed by --overwrite too
+RUN_FOLDERS = ("checkpoints",)
 
 
 def files_of_a_run(folder: Path) -> list[str]:
@@ -38,7 +40,9 @@ def files_of_a_run(folder: Path) -> list[str]:
     """
     if folder.exists() and not folder.is_dir():
         raise CliError(f"--output {folder} is a file: give a folder for the run.")
-    return [name for name in RUN_FILES if (folder / name).is_file()]
+    return [name for name in RUN_FILES if (folder / name).is_file()] + [
+        name for name in RUN_FOLDERS if (folder / name).is_dir()
+    ]
 
 
 def split_env_id(env_id: str) -> tuple[str | None, str]:
@@ -139,6 +143,8 @@ def make_env(
     seed: int | None,
     env_kwargs: dict[str, Any] | None = None,
     wrapper_class: Callable[[gym.Env], gym.Env] | None = None,
+    vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] = DummyVecEnv,
+    gym_packages: Sequence[str] = (),
 ) -> VecEnv:
     """SB3's ``make_vec_env`` (with ``Monitor``), turning a missing optional dependency or a keyword the environment
     does not take into a clear error.
@@ -148,10 +154,21 @@ def make_env(
     :param seed: seed of the first environment (the others take the next seeds)
     :param env_kwargs: keywords of ``gymnasium.make``
     :param wrapper_class: wrapper applied to each environment
+    :param vec_env_cls: ``DummyVecEnv`` (step the environments in this process) or ``SubprocVecEnv`` (one process
+        each)
+    :param gym_packages: modules that register the environment, imported again by each ``SubprocVecEnv`` process
     """
     name = check_env_id(env_id)
     try:
-        return make_vec_env(name, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper_class)
+        if vec_env_cls is DummyVecEnv:
+            return make_vec_env(name, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper_class)
+        # made once here first, so that what is wrong with the environment is said here, not in a worker's traceback
+        make_vec_env(name, n_envs=1, env_kwargs=env_kwargs).close()
+        # a worker process starts without the registrations this process made: it makes its environment anew
+        maker = MakeRegistered(name, [*gym_packages, *filter(None, [split_env_id(env_id)[0]])])
+        return make_vec_env(
+            maker, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper_class, vec_env_cls=vec_env_cls
+        )
     except gym.error.DependencyNotInstalled as error:
         raise CliError(f"environment {env_id!r} cannot be created here: {error}") from None
     except TypeError as error:
@@ -161,6 +178,27 @@ def make_env(
             f"environment {env_id!r} does not take env_kwargs {env_kwargs!r} ({error}); use the keywords its "
             "constructor lists (gymnasium.make(env_id, **env_kwargs))."
         ) from None
+
+
+class MakeRegistered:
+    """``gymnasium.make`` of a registered id, as SB3's ``make_vec_env`` makes it, in a process that first imports
+    the modules registering it (a ``SubprocVecEnv`` worker, which starts without them).
+
+    :param name: the registered id
+    :param modules: modules to import first
+    """
+
+    def __init__(self, name: str, modules: Sequence[str]) -> None:
+        self.name = name
+        self.modules = list(modules)
+
+    def __call__(self, **env_kwargs: Any) -> gym.Env:
+        for module in self.modules:
+            importlib.import_module(module)
+        try:  # make_vec_env asks for rgb_array rendering, unless the environment does not take render_mode
+            return gym.make(self.name, **{"render_mode": "rgb_array", **env_kwargs})
+        except TypeError:
+            return gym.make(self.name, **env_kwargs)
 
 
 def check_seed(seed: int) -> None:

@@ -2,34 +2,59 @@
 
 import argparse
 import importlib.util
+import inspect
+import io
+import json
+import pickle
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import stable_baselines3
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
+from stable_baselines3.common import callbacks as sb3_callbacks
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback, ProgressBarCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat, make_output_format
 from stable_baselines3.common.preprocessing import is_image_space
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize, sync_envs_normalization
+from torch.utils.tensorboard import SummaryWriter
 
 import sb3_trpo
-from sb3_trpo.cli import runs
-from sb3_trpo.cli.presets import CliError, algorithm_for, apply_overrides, model_kwargs, preset_for
+from sb3_trpo.cli import checkpointing, parallel, runs
+from sb3_trpo.cli.presets import CliError, Preset, algorithm_for, apply_overrides, model_kwargs, preset_for
+from sb3_trpo.distributed import Replica
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.validation import check_spaces
+
+DEFAULT_EVAL_FREQ = 10_000
+DEFAULT_EVAL_EPISODES = 5
+#: TRPO's critic minibatch when the preset does not set one
+BATCH_SIZE_DEFAULT = int(inspect.signature(TRPO.__init__).parameters["batch_size"].default)
+#: tasks (environment ids without version) whose environments step in subprocesses by default: measured faster so
+#: (benchmarks/results/vec_env.md)
+SUBPROC_BY_DEFAULT: tuple[str, ...] = ()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "env_id",
         metavar="ENV_ID",
-        help="Gymnasium environment id, e.g. CartPole-v1, or MODULE:ENV_ID to import the module that registers it",
+        nargs="?",
+        help="Gymnasium environment id, e.g. CartPole-v1, or MODULE:ENV_ID to import the module that registers it "
+        "(not needed with --resume)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint, with its settings, to its budget (or --timesteps)",
     )
     runs.add_gym_packages_argument(parser)
     parser.add_argument(
@@ -57,8 +82,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace the run the --output folder already holds (its files are removed before training)",
     )
-    parser.add_argument("--eval-freq", type=int, default=10_000, help="evaluate every this many timesteps (0: never)")
-    parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per periodic evaluation")
+    parser.add_argument(
+        "--eval-freq", type=int, help=f"evaluate every this many timesteps (default {DEFAULT_EVAL_FREQ:,}; 0: never)"
+    )
+    parser.add_argument(
+        "--eval-episodes", type=int, help=f"episodes per periodic evaluation (default {DEFAULT_EVAL_EPISODES})"
+    )
+    parser.add_argument(
+        "--checkpoint-freq",
+        type=int,
+        help="write a checkpoint (the latest is kept, in RUN_DIR/checkpoints) every this many timesteps, from which "
+        "--resume continues (default: every 10%% of the budget; 0: never)",
+    )
+    parser.add_argument(
+        "--vec-env",
+        choices=["dummy", "subproc"],
+        help="step the environments in this process (dummy) or one process each (subproc); default: subproc for "
+        f"{', '.join(SUBPROC_BY_DEFAULT)} tasks, where it was measured faster, else dummy",
+    )
     parser.add_argument("--no-progress-bar", action="store_true", help="do not show the progress bar")
     parser.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2], help="SB3's log verbosity")
 
@@ -66,119 +107,465 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # before the id is looked up: these modules register it (the module of MODULE:ENV_ID is imported by check_env_id)
     runs.import_gym_packages(args.gym_packages)
+    device, backend = parallel.device_for_process(args.device)
+    replica = parallel.join_if_launched(device, backend)
+    try:
+        # rank 0 decides (a drawn seed, the next free folder, the checkpoint's bytes) and every rank follows
+        plan = parallel.decided_by_rank_0(replica, lambda: _plan(args, replica.world_size))
+        _train(plan, args, replica, device)
+    finally:
+        parallel.leave(replica)
+    return 0
+
+
+class Resume(NamedTuple):
+    """Where a resumed run starts: its latest checkpoint, read by rank 0 for every rank.
+
+    :param checkpoint: the checkpoint folder
+    :param timesteps: its timestep count
+    :param model: the saved model's bytes
+    :param vec_normalize: the pickled VecNormalize's bytes, if the run normalizes
+    :param tensorboard_dir: the TensorBoard folder the run logs into, if any
+    :param seed: the seed of this part of the run (see :func:`segment_seed`)
+    """
+
+    checkpoint: Path
+    timesteps: int
+    model: bytes
+    vec_normalize: bytes | None
+    tensorboard_dir: str | None
+    seed: int
+
+
+class Plan(NamedTuple):
+    """Everything a rank needs to train its part of the run, decided once by rank 0.
+
+    :param config: the run's settings, as ``config.json`` records them (``n_envs`` counts all processes)
+    :param settings: the preset with the overrides applied
+    :param output: the run folder
+    :param old_run: files of an earlier run in the folder, removed once the new run starts (``--overwrite``)
+    :param resume: where a resumed run starts (``None``: from scratch)
+    """
+
+    config: dict[str, Any]
+    settings: Preset
+    output: Path
+    old_run: list[str]
+    resume: Resume | None
+
+
+def _plan(args: argparse.Namespace, world_size: int) -> Plan:
+    """The run ``args`` asks for: a new run, ``--resume``, or (a restarted torchrun worker) the run this launch
+    began.
+
+    :raises CliError: for a request that cannot be carried out
+    """
+    restart = parallel.elastic_restart()
+    if args.resume is None and restart is not None:
+        # torchrun restarted the workers after a failure: carry on with the run this same launch began, if it has
+        # begun (another launch's run in --output is refused as usual)
+        config = runs.read_config(args.output) if args.output is not None else None
+        if config is not None and config.get("launch") == restart:
+            if checkpointing.latest_checkpoint(args.output) is not None:
+                print(f"Restarted by torchrun: resuming {args.output} from its latest checkpoint")
+                return _resume_plan(args, args.output, world_size, elastic=True)
+            print(f"Restarted by torchrun before the first checkpoint: training {args.output} from the start")
+            return _new_plan(args, world_size, seed=int(config["seed"]), overwrite=True)
+    if args.resume is not None:
+        return _resume_plan(args, args.resume, world_size, elastic=False)
+    return _new_plan(args, world_size)
+
+
+def _new_plan(args: argparse.Namespace, world_size: int, seed: int | None = None, overwrite: bool = False) -> Plan:
+    if args.env_id is None:
+        raise CliError("give ENV_ID to train a new run, or --resume RUN_DIR to continue one.")
     env_name = runs.check_env_id(args.env_id)
-    preset = preset_for(env_name)
-    settings = apply_overrides(preset, args.hyperparams)
+    settings = apply_overrides(preset_for(env_name), args.hyperparams)
     n_envs = args.n_envs if args.n_envs is not None else settings.n_envs
     timesteps = args.timesteps if args.timesteps is not None else settings.n_timesteps
-    for flag, value in (("--n-envs", n_envs), ("--timesteps", timesteps), ("--eval-episodes", args.eval_episodes)):
+    eval_freq = args.eval_freq if args.eval_freq is not None else DEFAULT_EVAL_FREQ
+    eval_episodes = args.eval_episodes if args.eval_episodes is not None else DEFAULT_EVAL_EPISODES
+    _check_numbers(args, n_envs, timesteps, eval_freq, eval_episodes)
+    if args.seed is not None:
+        runs.check_seed(args.seed)
+    seed = seed if seed is not None else args.seed if args.seed is not None else random.randrange(2**31)
+    output = args.output if args.output is not None else _next_free(Path("runs"), env_name)
+    if parallel.max_restarts() > 0 and args.output is None:
+        raise CliError(
+            "torchrun --max-restarts restarts the workers with the same command line: give --output RUN_DIR, so that "
+            "they resume the run in it."
+        )
+    # one run per folder: files of an earlier run would be read as this run's (its best evaluation in the summary,
+    # its VecNormalize statistics by eval)
+    old_run = runs.files_of_a_run(output)
+    if old_run and not (args.overwrite or overwrite):
+        raise CliError(
+            f"{output} already holds a run ({', '.join(old_run)}): choose another --output folder, pass --overwrite "
+            "to replace that run, or --resume it."
+        )
+    _check_split(n_envs, settings.hyperparams, world_size)
+    config = {
+        "env_id": args.env_id,  # as given: eval of the run imports the module of a MODULE:ENV_ID again
+        "gym_packages": args.gym_packages,  # imported again by eval of the run
+        "seed": seed,
+        "n_envs": n_envs,  # of all processes together
+        "processes": world_size,
+        "threads": args.threads,
+        "vec_env": _vec_env_choice(args.vec_env, env_name),
+        "normalize": settings.normalize,
+        "env_kwargs": settings.env_kwargs,
+        "timesteps": timesteps,
+        "eval_freq": eval_freq,
+        "eval_episodes": eval_episodes,
+        "checkpoint_freq": checkpointing.checkpoint_frequency(args.checkpoint_freq, timesteps),
+        "tensorboard_log": None if args.tensorboard_log is None else str(args.tensorboard_log),
+        "algorithm": algorithm_for(settings.policy).__name__,  # eval loads the model with it
+        "policy": settings.policy,
+        "hyperparams": settings.hyperparams,
+        "preset": settings.source,
+        "launch": parallel.elastic_launch_id(),
+        "resumes": [],
+        "versions": _versions(),
+    }
+    return Plan(config=config, settings=settings, output=output, old_run=old_run, resume=None)
+
+
+def _resume_plan(args: argparse.Namespace, run_dir: Path, world_size: int, elastic: bool) -> Plan:
+    config = runs.read_config(run_dir)
+    if config is None:
+        raise CliError(f"--resume {run_dir}: no run there (no {runs.CONFIG}); give the folder of a run of sb3-trpo train.")
+    checkpoint = checkpointing.latest_checkpoint(run_dir)
+    if checkpoint is None or "eval_freq" not in config:
+        raise CliError(
+            f"--resume {run_dir}: the run has no checkpoint to resume from (train writes one every --checkpoint-freq "
+            "timesteps, since sb3-trpo 0.1.0's resumable runs); start it again with --overwrite."
+        )
+    runs.import_gym_packages(runs.recorded_gym_packages(config, run_dir))
+    env_name = runs.check_env_id(str(config["env_id"]))
+    recorded = Preset(
+        n_envs=int(config["n_envs"]),
+        normalize=bool(config["normalize"]),
+        n_timesteps=int(config["timesteps"]),
+        policy=str(config["policy"]),
+        hyperparams=dict(config["hyperparams"]),
+        source=config.get("preset"),
+        env_kwargs=dict(config.get("env_kwargs") or {}),
+    )
+    if not elastic:  # a restarted worker runs the very command line that began the run
+        _refuse_changes(args, run_dir, config, env_name)
+    state = checkpointing.read_state(checkpoint)
+    done = int(state["timesteps"])
+    timesteps = args.timesteps if args.timesteps is not None else int(config["timesteps"])
+    if timesteps <= done:
+        raise CliError(
+            f"--resume {run_dir}: the run has trained {done:,} timesteps, its budget is {timesteps:,}: pass "
+            f"--timesteps N with N > {done:,} to train it further."
+        )
+    _check_split(recorded.n_envs, recorded.hyperparams, world_size)
+    model = (checkpoint / runs.MODEL).read_bytes()
+    vec_normalize = checkpoint / runs.VEC_NORMALIZE
+    seed = segment_seed(int(config["seed"]), done)
+    resume = Resume(
+        checkpoint=checkpoint,
+        timesteps=done,
+        model=model,
+        vec_normalize=vec_normalize.read_bytes() if recorded.normalize else None,
+        tensorboard_dir=state.get("tensorboard_dir"),
+        seed=seed,
+    )
+    config = {
+        **config,
+        "timesteps": timesteps,
+        "processes": world_size,
+        "threads": args.threads,
+        "vec_env": _vec_env_choice(args.vec_env, env_name) if args.vec_env is not None else config.get("vec_env", "dummy"),
+        "checkpoint_freq": checkpointing.checkpoint_frequency(args.checkpoint_freq, timesteps)
+        if args.checkpoint_freq is not None
+        else config["checkpoint_freq"],
+        "launch": parallel.elastic_launch_id() if elastic or parallel.elastic_launch_id() else config.get("launch"),
+        "resumes": [
+            *config.get("resumes", []),
+            {"from_timesteps": done, "seed": seed, "processes": world_size, "command": " ".join(sys.argv)},
+        ],
+    }
+    return Plan(config=config, settings=recorded, output=run_dir, old_run=[], resume=resume)
+
+
+def segment_seed(seed: int, timesteps: int) -> int:
+    """The seed of a run's part that resumes at ``timesteps``: derived from the run's seed and the resume point, so
+    a resumed run does not replay the environment seeds its start used, and resuming twice from one checkpoint
+    draws the same.
+
+    :param seed: the run's seed
+    :param timesteps: the checkpoint's timestep count
+    """
+    return int(np.random.SeedSequence([seed, timesteps]).generate_state(1)[0]) % 2**31
+
+
+def _refuse_changes(args: argparse.Namespace, run_dir: Path, config: dict[str, Any], env_name: str) -> None:
+    """Refuse a ``--resume`` whose options would change what the run trains or how it is evaluated."""
+    changes: list[str] = []
+
+    def compare(option: str, given: Any, recorded: Any) -> None:
+        if given is not None and _as_json(given) != _as_json(recorded):
+            changes.append(f"{option} {given} (the run's: {recorded})")
+
+    compare("ENV_ID", args.env_id, config["env_id"])
+    compare("--seed", args.seed, config["seed"])
+    compare("--n-envs", args.n_envs, config["n_envs"])
+    compare("--eval-freq", args.eval_freq, config["eval_freq"])
+    compare("--eval-episodes", args.eval_episodes, config["eval_episodes"])
+    compare(
+        "--tensorboard-log", None if args.tensorboard_log is None else str(args.tensorboard_log), config["tensorboard_log"]
+    )
+    compare("--output", None if args.output is None else str(args.output), str(run_dir))
+    if args.gym_packages and args.gym_packages != config.get("gym_packages", []):
+        changes.append(f"--gym-packages {' '.join(args.gym_packages)} (the run's: {config.get('gym_packages', [])})")
+    if args.hyperparams:
+        settings = apply_overrides(preset_for(env_name), args.hyperparams)
+        given = {"policy": settings.policy, "normalize": settings.normalize, "env_kwargs": settings.env_kwargs}
+        recorded = {key: config[key] for key in given}
+        if _as_json({**given, **settings.hyperparams}) != _as_json({**recorded, **config["hyperparams"]}):
+            changes.append(f"--hyperparams {' '.join(args.hyperparams)} (the run's: {config['hyperparams']})")
+    if args.overwrite:
+        changes.append("--overwrite (a resumed run keeps its folder)")
+    if changes:
+        raise CliError(
+            f"--resume {run_dir} keeps the run's settings, but {'; '.join(changes)}: drop these options (only "
+            "--timesteps, --threads, --device, --vec-env, --checkpoint-freq and output options may change), or "
+            "train a new run."
+        )
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_numbers(args: argparse.Namespace, n_envs: int, timesteps: int, eval_freq: int, eval_episodes: int) -> None:
+    for flag, value in (("--n-envs", n_envs), ("--timesteps", timesteps), ("--eval-episodes", eval_episodes)):
         if value < 1:
             raise CliError(f"{flag} {value}: must be >= 1.")
     if args.threads < 1:
         raise CliError(f"--threads {args.threads}: must be >= 1.")
-    if args.eval_freq < 0:
-        raise CliError(f"--eval-freq {args.eval_freq}: must be >= 0 (0 turns periodic evaluation off).")
-    if args.seed is not None:
-        runs.check_seed(args.seed)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    output = args.output if args.output is not None else _next_free(Path("runs"), env_name)
-    # one run per folder: files of an earlier run would be read as this run's (its best evaluation in the summary,
-    # its VecNormalize statistics by eval)
-    old_run = runs.files_of_a_run(output)
-    if old_run and not args.overwrite:
-        raise CliError(
-            f"{output} already holds a run ({', '.join(old_run)}): choose another --output folder, or pass --overwrite "
-            "to replace that run."
-        )
+    if eval_freq < 0:
+        raise CliError(f"--eval-freq {eval_freq}: must be >= 0 (0 turns periodic evaluation off).")
+    if args.checkpoint_freq is not None and args.checkpoint_freq < 0:
+        raise CliError(f"--checkpoint-freq {args.checkpoint_freq}: must be >= 0 (0 writes no checkpoints).")
 
+
+def _check_split(n_envs: int, hyperparams: dict[str, Any], world_size: int) -> None:
+    """Refuse a data-parallel run whose environments or critic minibatch do not split evenly over the processes.
+
+    The preset is the run's, whatever the number of processes: its ``n_envs`` environments and critic
+    ``batch_size`` are divided among them, so the global rollout and minibatch are the preset's.
+    """
+    if world_size == 1:
+        return
+    batch_size = hyperparams.get("batch_size", BATCH_SIZE_DEFAULT)
+    for name, value in (("n_envs", n_envs), ("batch_size", batch_size)):
+        if value % world_size:
+            raise CliError(
+                f"{world_size} processes share the run's {name}={value}, which they cannot split evenly: launch a "
+                f"number of processes that divides it, or set --n-envs / --hyperparams batch_size=... to a multiple "
+                f"of {world_size}."
+            )
+
+
+def _vec_env_choice(requested: str | None, env_name: str) -> str:
+    """``--vec-env``, or the default for the environment (see :data:`SUBPROC_BY_DEFAULT`)."""
+    if requested is not None:
+        return requested
+    return "subproc" if env_name.partition("-v")[0] in SUBPROC_BY_DEFAULT else "dummy"
+
+
+def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.device) -> None:
+    """Train this rank's part of the run the plan describes; rank 0 writes the run folder."""
+    config, settings, output, resume = plan.config, plan.settings, plan.output, plan.resume
+    world_size, main = replica.world_size, replica.is_main
     # a process-wide setting: the CLI owns its process, the library never changes it
     th.set_num_threads(args.threads)
+    env_id = str(config["env_id"])
+    n_envs = int(config["n_envs"])
+    per_process = n_envs // world_size
+    seed = resume.seed if resume is not None else int(config["seed"])
     env_kwargs = settings.env_kwargs or None
-    env = runs.make_env(args.env_id, n_envs, seed, env_kwargs=env_kwargs)
-    eval_env = runs.make_env(args.env_id, 1, seed + 1_000_000, env_kwargs=env_kwargs)
+    vec_env_cls = SubprocVecEnv if config["vec_env"] == "subproc" else DummyVecEnv
+    # rank r's environments take the seeds after those of ranks 0..r-1, as TRPO seeds them (seed + r * n_envs)
+    env = runs.make_env(
+        env_id,
+        per_process,
+        seed + replica.rank * per_process,
+        env_kwargs,
+        vec_env_cls=vec_env_cls,
+        gym_packages=config["gym_packages"],
+    )
+    eval_env = runs.make_env(env_id, 1, seed + 1_000_000, env_kwargs=env_kwargs) if main else None
     try:  # the environment's own mistake, not the hyperparameters' (TRPO's constructor would say the same later)
         check_spaces(env.observation_space, env.action_space)
     except ValueError as error:
-        raise CliError(f"environment {args.env_id}: {error}") from None
-    _check_policy_fits(settings.policy, env.observation_space, settings.hyperparams.get("policy_kwargs"), args.env_id)
+        raise CliError(f"environment {env_id}: {error}") from None
+    _check_policy_fits(settings.policy, env.observation_space, settings.hyperparams.get("policy_kwargs"), env_id)
     algorithm = algorithm_for(settings.policy)  # RecurrentTRPO for an LSTM policy
-    if settings.normalize:
-        gamma = settings.hyperparams.get("gamma", 0.99)
+    gamma = settings.hyperparams.get("gamma", 0.99)
+    if resume is not None and resume.vec_normalize is not None:
+        env = _unpickled(resume.vec_normalize, env)
+    elif settings.normalize:
         env = VecNormalize(env, gamma=gamma)
+    if settings.normalize and eval_env is not None:
         # evaluation sees normalized observations (statistics synchronized by EvalCallback) and the true rewards
         eval_env = VecNormalize(eval_env, gamma=gamma, training=False, norm_reward=False)
+    tensorboard_log = config["tensorboard_log"]
+    # each process's share of the critic minibatch: the global minibatch is the preset's
+    batch_size = int(settings.hyperparams.get("batch_size", BATCH_SIZE_DEFAULT)) // world_size
+    distributed = world_size > 1
     try:
-        model = algorithm(
-            settings.policy,
-            env,
-            seed=seed,
-            device=args.device,
-            verbose=args.verbose,
-            tensorboard_log=None if args.tensorboard_log is None else str(args.tensorboard_log),
-            **model_kwargs(settings.hyperparams),
-        )
-    except (ValueError, TypeError) as error:
-        raise CliError(f"bad hyperparameters for {args.env_id}: {error}") from None
-
-    # only now that everything is valid: a refused --overwrite leaves the earlier run as it was
-    for name in old_run:
-        (output / name).unlink()
-    if old_run:
-        print(f"Replacing the run in {output} (--overwrite): removed {', '.join(old_run)}")
-    output.mkdir(parents=True, exist_ok=True)
-    runs.write_config(
-        output,
-        {
-            "env_id": args.env_id,  # as given: eval of the run imports the module of a MODULE:ENV_ID again
-            "gym_packages": args.gym_packages,  # imported again by eval of the run
-            "seed": seed,
-            "n_envs": n_envs,
-            "threads": args.threads,
-            "normalize": settings.normalize,
-            "env_kwargs": settings.env_kwargs,
-            "timesteps": timesteps,
-            "algorithm": algorithm.__name__,  # eval loads the model with it
-            "policy": settings.policy,
-            "hyperparams": settings.hyperparams,
-            "preset": settings.source,
-            "versions": _versions(),
-        },
-    )
-    print(
-        f"Training {algorithm.__name__} on {args.env_id} for {timesteps:,} timesteps, seed {seed}, {n_envs} env(s) -> {output}"
-    )
-    print(f"Preset: {settings.source or 'none for this environment: TRPO defaults'}")
-    if settings.env_kwargs:
-        print(f"Environment keywords: {settings.env_kwargs}")
-
-    callbacks: list[BaseCallback] = []
-    if args.eval_freq > 0:
-        callbacks.append(
-            EvalCallback(
-                eval_env,
-                n_eval_episodes=args.eval_episodes,
-                eval_freq=max(args.eval_freq // n_envs, 1),  # counted in calls, one call = n_envs steps
-                best_model_save_path=str(output),
-                # the statistics the best model was evaluated with, saved beside it (a later best overwrites both)
-                callback_on_new_best=SaveVecNormalize(output / runs.BEST_VEC_NORMALIZE) if settings.normalize else None,
-                log_path=str(output),
-                deterministic=True,
-                verbose=0,
+        if resume is None:
+            kwargs = {**model_kwargs(settings.hyperparams), "batch_size": batch_size}
+            model = algorithm(
+                settings.policy,
+                env,
+                seed=seed,
+                device=device,
+                verbose=args.verbose,
+                tensorboard_log=tensorboard_log,
+                distributed=distributed,
+                **kwargs,
             )
-        )
-    progress_bar = not args.no_progress_bar and _rich_progress_bar_available()
-    if not args.no_progress_bar and not progress_bar:
-        callbacks.append(TextProgress(timesteps))
+        else:
+            model = algorithm.load(
+                io.BytesIO(resume.model),
+                env=env,
+                device=device,
+                verbose=args.verbose,
+                tensorboard_log=tensorboard_log,
+                distributed=distributed,
+                batch_size=batch_size,
+            )
+            model.set_random_seed(seed)
+    except (ValueError, TypeError) as error:
+        raise CliError(f"bad hyperparameters for {env_id}: {error}") from None
 
-    start = time.perf_counter()
-    model.learn(timesteps, callback=CallbackList(callbacks), progress_bar=progress_bar)
-    wall = time.perf_counter() - start
+    start = resume.timesteps if resume is not None else 0
+    timesteps = int(config["timesteps"])
+    callbacks: list[BaseCallback] = []
+    if main:
+        _write_run_folder(plan)
+        what = "Resuming" if resume is not None else "Training"
+        processes = f" on {world_size} processes" if distributed else ""
+        print(
+            f"{what} {algorithm.__name__} on {env_id} for {timesteps:,} timesteps, seed {config['seed']}, {n_envs} "
+            f"env(s){processes} -> {output}"
+        )
+        if resume is not None:
+            print(f"From the checkpoint at {start:,} timesteps ({resume.checkpoint}); this part's seed {seed}")
+        print(f"Preset: {settings.source or 'none for this environment: TRPO defaults'}")
+        if settings.env_kwargs:
+            print(f"Environment keywords: {settings.env_kwargs}")
+        if resume is not None and resume.tensorboard_dir is not None:
+            _continue_tensorboard(model, resume, args.verbose)
+        callbacks = _callbacks(plan, args, model, eval_env, world_size)
+
+    begun = time.perf_counter()
+    model.learn(
+        timesteps - start,
+        callback=CallbackList(callbacks),
+        tb_log_name=algorithm.__name__,
+        reset_num_timesteps=resume is None,
+    )
+    wall = time.perf_counter() - begun
+    if not main:
+        return
     model.save(output / runs.MODEL)
     if isinstance(env, VecNormalize):
         env.save(str(output / runs.VEC_NORMALIZE))
+    assert eval_env is not None
+    _summary(model, eval_env, output, wall, start)
 
-    _summary(model, eval_env, output, wall)
-    return 0
+
+def _unpickled(vec_normalize: bytes, env: VecEnv) -> VecNormalize:
+    """VecNormalize's statistics as saved (what ``VecNormalize.load`` reads from a file), around ``env``."""
+    loaded = pickle.loads(vec_normalize)
+    loaded.set_venv(env)
+    return loaded
+
+
+def _write_run_folder(plan: Plan) -> None:
+    """Rank 0, once every rank has built its model: replace an earlier run (``--overwrite``), record the settings,
+    and on resume put the evaluation history and best model back as they were at the checkpoint."""
+    output = plan.output
+    # only now that everything is valid: a refused --overwrite leaves the earlier run as it was
+    for name in plan.old_run:
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if plan.old_run:
+        print(f"Replacing the run in {output} (--overwrite): removed {', '.join(plan.old_run)}")
+    output.mkdir(parents=True, exist_ok=True)
+    if plan.resume is not None:
+        checkpointing.restore_run_files(plan.resume.checkpoint, output)
+    runs.write_config(output, plan.config)
+
+
+def _continue_tensorboard(model: TRPO, resume: Resume, verbose: int) -> None:
+    """Log into the run's TensorBoard folder after the checkpoint: what the killed run logged after it is purged
+    from the curves (TensorBoard's ``purge_step``), as those iterations are done again, and the values of the
+    update before the checkpoint (which SB3 logs after the next rollout) are logged then."""
+    assert resume.tensorboard_dir is not None
+    folder = resume.tensorboard_dir
+    output_formats: list[KVWriter] = [ResumedTensorBoard(folder, purge_step=resume.timesteps + 1)]
+    if verbose >= 1:
+        output_formats.insert(0, make_output_format("stdout", folder))
+    logger = Logger(folder=folder, output_formats=output_formats)
+    for key, (value, excluded) in checkpointing.read_state(resume.checkpoint).get("pending_logs", {}).items():
+        logger.record(key, value, exclude=None if excluded is None else tuple(excluded))
+    model.set_logger(logger)
+
+
+class ResumedTensorBoard(TensorBoardOutputFormat):
+    """SB3's TensorBoard output, continuing a run's curves at ``purge_step``.
+
+    :param folder: the run's TensorBoard folder
+    :param purge_step: events the run logged at this step or later are hidden (they are logged again)
+    """
+
+    def __init__(self, folder: str, purge_step: int) -> None:
+        self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
+        self._is_closed = False
+
+
+def _callbacks(
+    plan: Plan, args: argparse.Namespace, model: TRPO, eval_env: VecEnv | None, world_size: int
+) -> list[BaseCallback]:
+    """Rank 0's callbacks: periodic evaluation, checkpoints and progress."""
+    config, output, resume = plan.config, plan.output, plan.resume
+    n_envs, timesteps = int(config["n_envs"]), int(config["timesteps"])
+    callbacks: list[BaseCallback] = []
+    evaluation = None
+    if config["eval_freq"] > 0:
+        assert eval_env is not None
+        evaluation = RunEvaluation(
+            eval_env,
+            world_size,
+            n_eval_episodes=int(config["eval_episodes"]),
+            eval_freq=max(int(config["eval_freq"]) // n_envs, 1),  # counted in calls, one call = n_envs steps
+            best_model_save_path=str(output),
+            # the statistics the best model was evaluated with, saved beside it (a later best overwrites both)
+            callback_on_new_best=SaveVecNormalize(output / runs.BEST_VEC_NORMALIZE) if plan.settings.normalize else None,
+            log_path=str(output),
+            deterministic=True,
+            verbose=0,
+        )
+        if resume is not None:
+            checkpointing.restore_evaluations(evaluation, resume.checkpoint, resume.timesteps, n_envs)
+        callbacks.append(evaluation)
+    if config["checkpoint_freq"] > 0:
+        last = resume.timesteps if resume is not None else 0
+        callbacks.append(checkpointing.RunCheckpoint(output, int(config["checkpoint_freq"]), evaluation, last))
+    if not args.no_progress_bar:
+        if _rich_progress_bar_available():
+            callbacks.append(RunProgressBar(world_size))
+        else:
+            callbacks.append(TextProgress(timesteps))
+    return callbacks
 
 
 def _check_policy_fits(policy: str, observation_space: spaces.Space, policy_kwargs: Any, env_id: str) -> None:
@@ -249,7 +636,51 @@ class TextProgress(BaseCallback):
         return True
 
 
-def _summary(model: TRPO, eval_env: VecEnv, output: Path, wall: float) -> None:
+class RunEvaluation(EvalCallback):
+    """SB3's ``EvalCallback`` recording the timesteps of all processes of a data-parallel run.
+
+    During a rollout, ``num_timesteps`` counts the samples collected so far by this process only (the global count
+    is agreed after the rollout), but every process takes the same number of steps per rollout: the global count
+    at this process's step ``k`` of a rollout is its start plus ``world_size`` times this process's samples.
+
+    :param eval_env: the evaluation environment
+    :param world_size: number of processes (1: SB3's ``EvalCallback`` unchanged)
+    :param kwargs: ``EvalCallback``'s other arguments
+    """
+
+    def __init__(self, eval_env: VecEnv, world_size: int, **kwargs: Any) -> None:
+        super().__init__(eval_env, **kwargs)
+        self.world_size = world_size
+        self._rollout_start = 0
+
+    def _on_rollout_start(self) -> None:
+        self._rollout_start = self.model.num_timesteps
+
+    def _on_step(self) -> bool:
+        self.num_timesteps = self._rollout_start + self.world_size * (self.model.num_timesteps - self._rollout_start)
+        return super()._on_step()
+
+
+class RunProgressBar(ProgressBarCallback):
+    """SB3's progress bar over the run's whole budget: a resumed run's starts at its checkpoint, and it counts the
+    samples of all processes of a data-parallel run (each collects ``num_envs`` per step, the same number).
+
+    :param world_size: number of processes
+    """
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__()
+        self.world_size = world_size
+
+    def _on_training_start(self) -> None:
+        self.pbar = sb3_callbacks.tqdm(total=self.locals["total_timesteps"], initial=self.model.num_timesteps)
+
+    def _on_step(self) -> bool:
+        self.pbar.update(self.training_env.num_envs * self.world_size)
+        return True
+
+
+def _summary(model: TRPO, eval_env: VecEnv, output: Path, wall: float, start: int) -> None:
     env = model.get_env()
     assert env is not None
     sync_envs_normalization(env, eval_env)  # the final observation statistics, as the saved VecNormalize holds them
@@ -259,7 +690,9 @@ def _summary(model: TRPO, eval_env: VecEnv, output: Path, wall: float) -> None:
     lines = [
         "",
         "Summary",
-        f"  timesteps        {model.num_timesteps:,} in {wall:.1f} s ({model.num_timesteps / max(wall, 1e-9):.0f} steps/s)",
+        f"  timesteps        {model.num_timesteps:,}"
+        + (f" ({start:,} before resuming)" if start else "")
+        + f", {model.num_timesteps - start:,} in {wall:.1f} s ({(model.num_timesteps - start) / max(wall, 1e-9):.0f} steps/s)",
         f"  final return     {mean:.1f} +/- {std:.1f} over {episodes} episodes (deterministic)",
     ]
     evaluations = output / runs.EVALUATIONS

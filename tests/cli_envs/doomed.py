@@ -1,0 +1,62 @@
+"""Registers ``CliDoomed-v0`` (``CliTiny-v0`` that kills its process once) on import, for the tests of resuming.
+
+The process kills itself with SIGKILL, as a pre-empted job or the kernel's OOM killer would, the first time the
+condition set by environment variables is met, and never again once the marker file exists (so a restarted or
+resumed process runs on):
+
+- ``DOOMED_MARKER``: the marker file (required; nothing is killed without it);
+- ``DOOMED_STEP``: kill at this step of this process's environments (counted over all of them, evaluation ones too);
+- ``DOOMED_UPDATE``: kill at the start of this process's update number N (1-based), i.e. during ``train()``;
+- ``DOOMED_RANK``: only in the data-parallel process of this rank (default: any process).
+"""
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+
+from sb3_trpo import TRPO
+from tests.cli_envs.tiny import EPISODE_STEPS, TinyEnv
+
+ENV_ID = "CliDoomed-v0"
+_steps = 0
+_updates = 0
+
+
+def _doomed() -> bool:
+    marker = os.environ.get("DOOMED_MARKER")
+    if marker is None or Path(marker).exists():
+        return False
+    rank = os.environ.get("DOOMED_RANK")
+    return rank is None or rank == os.environ.get("RANK", "0")
+
+
+def _die() -> None:
+    Path(os.environ["DOOMED_MARKER"]).write_text(f"killed pid {os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DoomedEnv(TinyEnv):
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        global _steps
+        _steps += 1
+        if "DOOMED_STEP" in os.environ and _steps == int(os.environ["DOOMED_STEP"]) and _doomed():
+            _die()
+        return super().step(action)
+
+
+_train = TRPO.train
+
+
+def _doomed_train(self: TRPO) -> None:
+    global _updates
+    _updates += 1
+    if "DOOMED_UPDATE" in os.environ and _updates == int(os.environ["DOOMED_UPDATE"]) and _doomed():
+        _die()
+    _train(self)
+
+
+TRPO.train = _doomed_train  # type: ignore[method-assign]
+gym.register(id=ENV_ID, entry_point=DoomedEnv, max_episode_steps=EPISODE_STEPS)
