@@ -103,8 +103,28 @@ def join_process_group(distributed: Distributed, device: th.device, backend: str
             )
         if backend is None:
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        _init_from_launcher(backend)
     return Replica(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _init_from_launcher(backend: str) -> None:
+    """Initialize the default process group from torchrun's environment (``env://``), with keys of its own for each
+    attempt when torchrun restarts the workers.
+
+    torchrun's workers share its rendezvous store, which keeps the keys of earlier attempts; after a restart
+    (``--max-restarts``) a worker could read the address a killed worker had published and fail to connect (gloo's
+    "connectFullMesh failed ... Connection refused", about 1 restart in 3 here; pytorch/pytorch#135712). Prefixing
+    the keys with the attempt number leaves only the current attempt's to read.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        dist.init_process_group(backend=backend)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    dist.init_process_group(
+        backend=backend, store=dist.PrefixStore(f"sb3_trpo/attempt_{attempt}/", store), rank=rank, world_size=world_size
+    )
 
 
 class Replica:

@@ -8,6 +8,7 @@ recorded in its ``config.json`` and resume it from its latest checkpoint.
 """
 
 import os
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -78,10 +79,19 @@ def decided_by_rank_0(replica: Replica, decide: Callable[[], T]) -> T:
 
 
 def leave(replica: Replica) -> None:
-    """Leave the process group once every rank is done (rank 0 evaluates and saves last), as torchrun expects."""
-    if replica.is_distributed and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group once every rank is done (rank 0 evaluates and saves last), and end the process.
+
+    A data-parallel process ends here with ``os._exit(0)`` once its output is flushed: at a normal interpreter exit,
+    gloo's threads are sometimes destroyed while still joinable, and the process aborts ("terminate called without
+    an active exception", SIGABRT) after all its work is done, which torchrun reports as a failure of the run.
+    """
+    if not (replica.is_distributed and dist.is_initialized()):
+        return
+    dist.barrier()  # no rank tears the group down while another still uses it
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def elastic_restart() -> str | None:

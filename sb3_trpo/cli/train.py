@@ -109,12 +109,10 @@ def run(args: argparse.Namespace) -> int:
     runs.import_gym_packages(args.gym_packages)
     device, backend = parallel.device_for_process(args.device)
     replica = parallel.join_if_launched(device, backend)
-    try:
-        # rank 0 decides (a drawn seed, the next free folder, the checkpoint's bytes) and every rank follows
-        plan = parallel.decided_by_rank_0(replica, lambda: _plan(args, replica.world_size))
-        _train(plan, args, replica, device)
-    finally:
-        parallel.leave(replica)
+    # rank 0 decides (a drawn seed, the next free folder, the checkpoint's bytes) and every rank follows
+    plan = parallel.decided_by_rank_0(replica, lambda: _plan(args, replica.world_size))
+    _train(plan, args, replica, device)
+    parallel.leave(replica)  # after an error, torchrun stops the other processes
     return 0
 
 

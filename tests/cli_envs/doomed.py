@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import torch as th
 
 from sb3_trpo import TRPO
 from tests.cli_envs.tiny import EPISODE_STEPS, TinyEnv
@@ -60,3 +61,22 @@ def _doomed_train(self: TRPO) -> None:
 
 TRPO.train = _doomed_train  # type: ignore[method-assign]
 gym.register(id=ENV_ID, entry_point=DoomedEnv, max_episode_steps=EPISODE_STEPS)
+
+
+_learn = TRPO.learn
+
+
+def _learn_and_dump(self: TRPO, *args: Any, **kwargs: Any) -> TRPO:
+    """``learn``, then (with ``DOOMED_DUMP=FOLDER``) this process's parameters to ``FOLDER/rank{RANK}.pt``."""
+    model = _learn(self, *args, **kwargs)
+    folder = os.environ.get("DOOMED_DUMP")
+    if folder is not None:
+        parameters = th.cat([t.detach().reshape(-1).cpu() for t in self.policy.state_dict().values()])
+        th.save(
+            {"parameters": parameters, "num_timesteps": self.num_timesteps},
+            Path(folder) / f"rank{os.environ.get('RANK', '0')}.pt",
+        )
+    return model
+
+
+TRPO.learn = _learn_and_dump  # type: ignore[method-assign]
