@@ -156,3 +156,15 @@ def test_the_console_script_finds_a_module_in_the_working_directory(tmp_path, fo
     )
     assert evaluation.returncode == 0, evaluation.stderr
     assert evaluation.stdout.startswith(f"{env[0]}: return ")
+
+
+@pytest.mark.parametrize("form", ["module-colon-id", "gym-packages"])
+def test_environments_in_subprocesses_are_registered_there_too(form, unregistered, tmp_path):
+    # a SubprocVecEnv worker starts without the registrations of this process: it imports the module itself
+    output = tmp_path / "run"
+    env = [f"{MODULE}:{ENV_ID}"] if form == "module-colon-id" else [ENV_ID, "--gym-packages", MODULE]
+    assert main(["train", *env, "--output", str(output), "--vec-env", "subproc", "--n-envs", "2", *TINY]) == 0
+    assert json.loads((output / CONFIG).read_text())["vec_env"] == "subproc"
+    default = tmp_path / "default"
+    assert main(["train", *env, "--output", str(default), *TINY]) == 0
+    assert json.loads((default / CONFIG).read_text())["vec_env"] == "dummy"  # measured faster: the default

@@ -16,7 +16,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from sb3_trpo import TRPO, lean_forward
 from sb3_trpo.lean_forward import LeanForward, lean_collection_gap
@@ -240,6 +240,24 @@ def test_vec_normalize_and_episode_bookkeeping_match_sb3():
 
     result = assert_identical_collection(make, n_rollouts=4)
     assert len(result["episodes"]) > 5  # CartPole's episodes ended and were recorded alike
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_environments_in_subprocesses_collect_what_sb3_collects(env_id):
+    # `sb3-trpo train --vec-env subproc`: the lean loop steps a SubprocVecEnv as SB3's loop does
+    made: list[VecNormalize] = []
+
+    def make(fast: bool) -> TRPO:
+        env = VecNormalize(make_vec_env(env_id, n_envs=2, seed=0, vec_env_cls=SubprocVecEnv))
+        made.append(env)
+        return TRPO("MlpPolicy", env, n_steps=64, batch_size=64, seed=0, fast_collection=fast)
+
+    try:
+        result = assert_identical_collection(make, n_rollouts=4)
+    finally:
+        for env in made:
+            env.close()
+    assert len(result["episodes"]) > 0  # episodes ended (by termination or truncation) and were recorded alike
 
 
 def test_a_callback_stopping_the_rollout_stops_both_loops_at_the_same_step():
