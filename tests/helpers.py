@@ -103,3 +103,48 @@ def import_sb3_contrib() -> ModuleType:
     if os.environ.get("CI"):
         return importlib.import_module("sb3_contrib")
     return pytest.importorskip("sb3_contrib")
+
+
+def free_port() -> int:
+    """:return: a TCP port on the loopback interface that nothing listens on (for a rendezvous endpoint)"""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def launch_two_nodes(command: list[str], env: dict[str, str], cwd: str, timeout: float = 300) -> list[Any]:
+    """Run ``command`` as two one-process "nodes" on this machine, as two machines would be launched, over loopback:
+    ``torchrun --nnodes=2 --node-rank=R --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT``.
+
+    :param command: what torchrun runs (a script and its arguments, or ``-m module ...``)
+    :param env: the environment of both launches
+    :param cwd: their working directory
+    :return: the two ``subprocess.CompletedProcess`` results, node 0's first
+    """
+    import subprocess
+    import sys
+    import uuid
+
+    port, run_id = free_port(), uuid.uuid4().hex
+    launches = [
+        subprocess.Popen(
+            [
+                *[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}"],
+                *["--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}"],
+                *command,
+            ],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(2)
+    ]
+    results = []
+    for launch in launches:
+        stdout, stderr = launch.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr))
+    return results

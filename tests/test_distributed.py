@@ -14,19 +14,24 @@ from stable_baselines3.common.logger import Logger
 from sb3_trpo import TRPO
 from sb3_trpo.distributed import LAUNCHER_VARIABLES, Replica, gpu_for_process, raw_moments, set_from_raw_moments
 from tests.distributed_worker import BUFFER_FIELDS, TRAIN_TIMESTEPS, flat_parameters
+from tests.helpers import launch_two_nodes
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 ROOT = WORKER.parent.parent
+
+
+def launcher_environment() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for name in LAUNCHER_VARIABLES:  # the launcher sets these for its workers; none may leak in from outside
+        env.pop(name, None)
+    return env
 
 
 def launch(mode: str, out: Path) -> None:
     """Run the worker script on 2 local processes with torchrun, as a user would."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command = [*launcher, str(WORKER), mode, str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for name in LAUNCHER_VARIABLES:  # the launcher sets these for its workers; none may leak in from outside
-        env.pop(name, None)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(command, env=launcher_environment(), capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -47,6 +52,22 @@ def test_two_processes_train_cartpole_with_identical_parameters(trained):
     assert th.equal(rank0["final"], rank1["final"])  # bit-identical after training
     assert not th.equal(rank0["initial"], rank0["final"])
     assert rank0["mean_return"] >= 200  # CartPole learns: a random policy scores about 20
+
+
+def test_two_nodes_over_loopback_train_what_two_processes_of_one_node_train(trained, tmp_path):
+    # the multi-machine launch, run for real: two torchrun launches with --nnodes=2 and a c10d rendezvous, one
+    # process each, as on two machines (over loopback here)
+    for node in launch_two_nodes([str(WORKER), "train", str(tmp_path)], launcher_environment(), str(ROOT)):
+        assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+    _, one_node = trained
+    two_nodes = load_ranks(tmp_path)
+    assert th.equal(two_nodes[0]["final"], two_nodes[1]["final"])
+    for a, b in zip(one_node, two_nodes, strict=True):  # rank by rank: the same data, the same reductions
+        assert th.equal(a["final"], b["final"])
+        assert a["num_timesteps"] == b["num_timesteps"]
+        for key in ("obs_rms", "ret_rms"):
+            for x, y in zip(a[key], b[key], strict=True):
+                np.testing.assert_array_equal(x, y)
 
 
 def test_total_timesteps_is_the_global_budget(trained):

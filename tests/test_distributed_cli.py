@@ -17,6 +17,7 @@ from sb3_trpo import TRPO
 from sb3_trpo.cli import checkpointing, main
 from sb3_trpo.cli.runs import CONFIG, EVALUATIONS, MODEL
 from sb3_trpo.distributed import LAUNCHER_VARIABLES
+from tests.helpers import launch_two_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOOMED = "tests.cli_envs.doomed:CliDoomed-v0"
@@ -34,13 +35,22 @@ def torchrun(*argv: str, env: dict[str, str], restarts: int = 0) -> subprocess.C
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     if restarts:
         launcher.append(f"--max-restarts={restarts}")
+    return subprocess.run(
+        [*launcher, "-m", "sb3_trpo", *argv],
+        cwd=ROOT,
+        env=launcher_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def launcher_environment(env: dict[str, str]) -> dict[str, str]:
     environment = {**os.environ, **env}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     for name in LAUNCHER_VARIABLES:  # the launcher sets these for its workers; none may leak in from outside
         environment.pop(name, None)
-    return subprocess.run(
-        [*launcher, "-m", "sb3_trpo", *argv], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
-    )
+    return environment
 
 
 def ranks(folder: Path) -> list[dict]:
@@ -75,6 +85,22 @@ def test_train_under_torchrun_trains_one_run_on_two_processes(two_processes):
     # the evaluations, on rank 0, at the global timesteps
     assert list(np.load(output / EVALUATIONS)["timesteps"]) == list(range(64, BUDGET + 1, 64))
     assert main(["eval", str(output), "--episodes", "2"]) == 0
+
+
+def test_two_nodes_over_loopback_train_the_run_two_processes_of_one_node_train(two_processes, tmp_path):
+    # the multi-machine command line, run for real as two one-process "nodes" (c10d rendezvous over loopback)
+    output = tmp_path / "run"
+    environment = launcher_environment({"DOOMED_DUMP": str(tmp_path)})
+    nodes = launch_two_nodes(["-m", "sb3_trpo", "train", DOOMED, "--output", str(output), *RUN], environment, str(ROOT))
+    for node in nodes:
+        assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+    assert sum("Training TRPO" in node.stdout for node in nodes) == 1  # rank 0 alone reports and writes
+    one_node, two_nodes = ranks(two_processes.parent), ranks(tmp_path)
+    for a, b in zip(one_node, two_nodes, strict=True):
+        assert th.equal(a["parameters"], b["parameters"])
+    assert th.equal(flat(TRPO.load(output / MODEL)), flat(TRPO.load(two_processes / MODEL)))
+    for key in ("timesteps", "results", "ep_lengths"):
+        np.testing.assert_array_equal(np.load(output / EVALUATIONS)[key], np.load(two_processes / EVALUATIONS)[key])
 
 
 @pytest.mark.parametrize(
