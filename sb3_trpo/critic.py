@@ -7,6 +7,7 @@ trust region.
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
@@ -84,6 +85,7 @@ def regress_values(
     n_epochs: int,
     batch_size: int,
     replica: Replica,
+    orders: Sequence[th.Tensor] | None = None,
 ) -> float:
     """``n_epochs`` epochs of minibatch MSE regression of the values on the returns, moving only ``params``.
 
@@ -99,14 +101,15 @@ def regress_values(
     :param n_epochs: passes over the rollout
     :param batch_size: minibatch size (the last minibatch of an epoch may be smaller)
     :param replica: this process's data-parallel context
+    :param orders: the order of the samples in each epoch (default: a random permutation drawn at each epoch)
     :return: the mean over all minibatches (and ranks) of each minibatch's loss before its step
     """
     # the actor's gradients stay None for the whole step, so the optimizer leaves the actor alone
     optimizer.zero_grad(set_to_none=True)
     n_samples = len(returns)
     losses = []
-    for _ in range(n_epochs):
-        permutation = th.randperm(n_samples, device=returns.device)
+    for epoch in range(n_epochs):
+        permutation = th.randperm(n_samples, device=returns.device) if orders is None else orders[epoch]
         epoch_inputs, epoch_returns = index_obs(inputs, permutation), returns[permutation]
         for start in range(0, n_samples, batch_size):
             minibatch = slice(start, start + batch_size)
@@ -119,6 +122,70 @@ def regress_values(
             optimizer.step()
             losses.append(loss.detach())  # no .item() per minibatch: one synchronization at the end
     return replica.mean_of_floats([th.stack(losses).mean().item()], returns.device)[0]
+
+
+class GatheredCriticData(NamedTuple):
+    """The critic's regression data of all ranks, in the order that makes one process's regression on it the
+    data-parallel regression (see :func:`gather_critic_data`).
+
+    :param inputs: every rank's inputs, concatenated in rank order
+    :param returns: every rank's returns, likewise
+    :param orders: for each epoch, the order of the samples: minibatch ``k`` of ``world_size * batch_size`` samples
+        is the union of every rank's minibatch ``k``
+    :param batch_size: the global minibatch size, ``world_size * batch_size``
+    """
+
+    inputs: PyTorchObs
+    returns: th.Tensor
+    orders: list[th.Tensor]
+    batch_size: int
+
+
+def gather_critic_data(
+    replica: Replica, inputs: PyTorchObs, returns: th.Tensor, n_epochs: int, batch_size: int
+) -> GatheredCriticData:
+    """Gather the critic's regression data of every rank, so that each rank runs the whole regression itself
+    instead of all-reducing the gradient of every minibatch (one all-gather of the data, one of the orders, instead
+    of ``n_epochs * ceil(n / batch_size)`` all-reduces of the critic's gradient).
+
+    It is the same regression: each rank draws its minibatch permutations as it would alone, and minibatch ``k``
+    of the gathered data is the union of the ranks' minibatches ``k``, whose mean loss (equal sizes on every rank)
+    is the mean over ranks of their mean losses, the gradient all-reduced otherwise. Only the float summation order
+    differs. Every rank computes on the same gathered data, so the ranks' critics stay bit-identical; each rank
+    does the critic arithmetic of all ranks, which costs little where a minibatch step is dominated by per-operation
+    overhead (small networks on CPU) and is what the all-reduce latency it saves would cost otherwise.
+
+    :param replica: this process's data-parallel context
+    :param inputs: this rank's critic inputs (observations, a dict of them, or features), one row per sample
+    :param returns: this rank's regression targets (the same number of samples on every rank)
+    :param n_epochs: passes over the data
+    :param batch_size: this rank's minibatch size
+    """
+    n_samples = len(returns)
+    # this rank's draws, in the order a lone regression draws them (the random streams go on as they would)
+    permutations = th.stack([th.randperm(n_samples, device=returns.device) for _ in range(n_epochs)])
+    if isinstance(inputs, th.Tensor) and inputs.dim() == 2 and inputs.dtype == returns.dtype:
+        # features and targets in one all-gather
+        both = replica.all_gather(th.cat([inputs, returns.unsqueeze(1)], dim=1))
+        all_inputs: PyTorchObs = both[:, :-1]
+        all_returns = both[:, -1]
+    else:
+        all_inputs = (
+            {key: replica.all_gather(value) for key, value in inputs.items()}
+            if isinstance(inputs, dict)
+            else replica.all_gather(inputs)
+        )
+        all_returns = replica.all_gather(returns)
+    # rank r's sample i is row r * n_samples + i of the gathered data
+    offsets = th.arange(replica.world_size, device=returns.device).mul_(n_samples).view(-1, 1, 1)
+    all_permutations = replica.all_gather(permutations.unsqueeze(0)) + offsets  # (ranks, epochs, samples)
+    orders = [
+        th.cat(
+            [all_permutations[:, epoch, start : start + batch_size].reshape(-1) for start in range(0, n_samples, batch_size)]
+        )
+        for epoch in range(n_epochs)
+    ]
+    return GatheredCriticData(all_inputs, all_returns, orders, batch_size * replica.world_size)
 
 
 class CriticSnapshot:
@@ -308,7 +375,15 @@ class MlpCriticRegression:
             state["exp_avg_sq"] = exp_avg_sq[offset : offset + n].view_as(param).clone()
             offset += n
 
-    def __call__(self, features: th.Tensor, returns: th.Tensor, n_epochs: int, batch_size: int, replica: Replica) -> float:
+    def __call__(
+        self,
+        features: th.Tensor,
+        returns: th.Tensor,
+        n_epochs: int,
+        batch_size: int,
+        replica: Replica,
+        orders: Sequence[th.Tensor] | None = None,
+    ) -> float:
         """What :func:`regress_values` computes and does, from precomputed features.
 
         :param features: the critic's input features, one row per state
@@ -316,6 +391,7 @@ class MlpCriticRegression:
         :param n_epochs: passes over the rollout
         :param batch_size: minibatch size (the last minibatch of an epoch may be smaller)
         :param replica: this process's data-parallel context
+        :param orders: the order of the samples in each epoch (default: a random permutation drawn at each epoch)
         :return: the mean over all minibatches (and ranks) of each minibatch's loss before its step
         """
         group = self.optimizer.param_groups[0]
@@ -345,8 +421,8 @@ class MlpCriticRegression:
                 offset = b_end
             n_samples = len(returns)
             losses = []
-            for _ in range(n_epochs):
-                permutation = th.randperm(n_samples, device=returns.device)
+            for epoch in range(n_epochs):
+                permutation = th.randperm(n_samples, device=returns.device) if orders is None else orders[epoch]
                 epoch_features, epoch_returns = features[permutation], returns[permutation]
                 for start in range(0, n_samples, batch_size):
                     x, target = epoch_features[start : start + batch_size], epoch_returns[start : start + batch_size]

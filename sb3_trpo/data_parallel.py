@@ -175,4 +175,5 @@ class DataParallelAlgorithm(OnPolicyAlgorithm):
         if self._replica.is_distributed:
             self.logger.record("distributed/bytes_reduced", self._replica.bytes_reduced)
             self.logger.record("distributed/all_reduces", self._replica.all_reduces)
-            self._replica.bytes_reduced = self._replica.all_reduces = 0
+            self.logger.record("distributed/all_gathers", self._replica.all_gathers)
+            self._replica.bytes_reduced = self._replica.all_reduces = self._replica.all_gathers = 0

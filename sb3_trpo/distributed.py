@@ -143,6 +143,8 @@ class Replica:
         #: and resets them once per iteration: they measure the communication a multi-node run would need)
         self.bytes_reduced = 0
         self.all_reduces = 0
+        #: all-gathers since the counters were last reset (their payload counts in ``bytes_reduced``)
+        self.all_gathers = 0
 
     @classmethod
     def alone(cls) -> "Replica":
@@ -230,6 +232,17 @@ class Replica:
             return filled
         flat = self.mean(th.cat([t.reshape(-1) for t in filled]))
         return [chunk.view_as(t) for chunk, t in zip(th.split(flat, [t.numel() for t in filled]), filled, strict=True)]
+
+    def all_gather(self, tensor: th.Tensor) -> th.Tensor:
+        """:return: every rank's ``tensor`` (the same shape on every rank), concatenated along the first dimension in
+        rank order (the input itself when alone)"""
+        if not self.is_distributed:
+            return tensor
+        self.bytes_reduced += tensor.numel() * tensor.element_size()
+        self.all_gathers += 1
+        parts = [th.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.detach().contiguous())
+        return th.cat(parts)
 
     def all_agree(self, value: int, device: th.device) -> bool:
         """:return: whether every rank passed the same integer ``value``"""

@@ -149,6 +149,12 @@ class RecurrentTRPO(TRPO):
                 f"sub_sampling_factor={kwargs['sub_sampling_factor']!r} is not allowed with RecurrentTRPO: it must be 1 "
                 "(every k-th row of a batch of sequences is no sequence the LSTM could read)."
             )
+        if kwargs.setdefault("distributed_critic", "gradients") != "gradients":
+            raise ValueError(
+                f"distributed_critic={kwargs['distributed_critic']!r} is not allowed with RecurrentTRPO: it must be "
+                '"gradients" (its critic regresses over padded sequences drawn anew by each rank\'s buffer, whose '
+                "minibatch gradients are all-reduced)."
+            )
         init_setup_model = kwargs.pop("_init_setup_model", True)
         super().__init__(policy, env, _init_setup_model=False, **kwargs)
         if init_setup_model:  # as TRPO does when it sets up the model itself

@@ -36,6 +36,7 @@ from sb3_trpo.critic import (
     MlpCriticRegression,
     critic_parameters,
     fused_adam_available,
+    gather_critic_data,
     index_obs,
     regress_or_undo,
     regress_values,
@@ -120,6 +121,11 @@ class TRPO(DataParallelAlgorithm):
         ``True`` requires a launcher environment or an initialized process group; ``"auto"`` uses one if present
         and runs as a single process otherwise; ``False`` (default) never does. ``learn(total_timesteps)`` then
         counts the samples of all ranks; only rank 0 logs and saves. See docs/distributed.md.
+    :param distributed_critic: (keyword only) How data-parallel ranks share the critic step. ``"gather"`` (default):
+        one all-gather of the ranks' critic inputs and returns, then every rank runs the whole regression (the
+        same minibatches and update as below, with two collectives per update instead of one per minibatch).
+        ``"gradients"``: every rank regresses on its own data and the gradient of each minibatch is all-reduced
+        (the critic's arithmetic is split, at one all-reduce per minibatch). Measured in docs/distributed.md.
     :param fast_collection: (keyword only) Collect rollouts with the lean loop of ``sb3_trpo.collection``, which
         stores exactly what SB3's ``collect_rollouts`` would (same buffer contents, random numbers and callbacks)
         in a fraction of the time. Policies it does not cover (a custom ``forward``, forward hooks, a custom
@@ -163,6 +169,7 @@ class TRPO(DataParallelAlgorithm):
         _init_setup_model: bool = True,
         *,
         distributed: Distributed = False,
+        distributed_critic: str = "gather",
         fast_collection: bool = True,
     ):
         # every keyword is checked before SB3 uses any of them (locals() holds exactly the arguments here)
@@ -206,6 +213,7 @@ class TRPO(DataParallelAlgorithm):
         self.target_kl = target_kl if callable(target_kl) else float(target_kl)
         self.sub_sampling_factor = sub_sampling_factor
         self.distributed = distributed
+        self.distributed_critic = distributed_critic
         self.fast_collection = fast_collection
         # why the last rollout used SB3's loop instead of the lean one (None: it did not), reported once at verbose >= 1
         self._collection_gap: str | None = None
@@ -444,19 +452,18 @@ class TRPO(DataParallelAlgorithm):
         :return: the mean loss over the minibatches
         """
         inputs, predict_values = value_inputs(self.policy, batch.observations, actor_ids)
+        returns, batch_size, replica, orders = batch.returns, self.batch_size, self._replica, None
+        if replica.is_distributed and self.distributed_critic == "gather":
+            # every rank regresses on the data of all ranks: the same update, without an all-reduce per minibatch
+            gathered = gather_critic_data(replica, inputs, returns, self.n_critic_updates, batch_size)
+            inputs, returns, orders, batch_size = gathered
+            replica = Replica.alone()
         fast_regression = MlpCriticRegression.for_policy(self.policy, params, actor_ids)
         if fast_regression is not None:  # SB3's MLP critic with Adam: the same regression, with less overhead
             assert isinstance(inputs, th.Tensor)
-            return fast_regression(inputs, batch.returns, self.n_critic_updates, self.batch_size, self._replica)
+            return fast_regression(inputs, returns, self.n_critic_updates, batch_size, replica, orders)
         return regress_values(
-            params,
-            self.policy.optimizer,
-            inputs,
-            batch.returns,
-            predict_values,
-            self.n_critic_updates,
-            self.batch_size,
-            self._replica,
+            params, self.policy.optimizer, inputs, returns, predict_values, self.n_critic_updates, batch_size, replica, orders
         )
 
     def save(

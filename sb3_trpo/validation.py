@@ -153,6 +153,7 @@ RULES: dict[str, Rule] = {
     ),
     "sub_sampling_factor": Rule(*_int_at_least(1)),
     "distributed": Rule(lambda v: _is_bool(v) or (isinstance(v, str) and v == "auto"), 'True, False or "auto"'),
+    "distributed_critic": Rule(lambda v: isinstance(v, str) and v in ("gather", "gradients"), '"gather" or "gradients"'),
     "fast_collection": Rule(_is_bool, "True or False"),
     "stats_window_size": Rule(*_int_at_least(1)),
     "tensorboard_log": Rule(lambda v: v is None or isinstance(v, (str, os.PathLike)), "None or a folder path"),

@@ -8,9 +8,11 @@ Modes:
 - ``maskable``, ``recurrent``: MaskableTRPO or RecurrentTRPO in data-parallel training, parameters to
   ``OUT_DIR/rank{R}.pt``.
 - ``update``: loads ``OUT_DIR/start.zip``, fills its rollout buffer with its share of ``OUT_DIR/rollout.npz``
-  (environment column R), makes one ``train()`` call and writes its parameters to ``OUT_DIR/rank{R}.pt``.
+  (environment column R), makes one ``train()`` call and writes its parameters to ``OUT_DIR/rank{R}.pt``
+  (``WORKER_SETTINGS``: JSON of settings given to ``TRPO.load``, e.g. ``{"distributed_critic": "gradients"}``).
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -85,8 +87,14 @@ def update(out: Path) -> None:
     rank = int(dist.get_rank()) if dist.is_initialized() else int(os.environ["RANK"])
     rollout = np.load(out / "rollout.npz")
     n_steps = rollout["rewards"].shape[0]
-    # a local minibatch of the local rollout: with two ranks, the global minibatch is the single process's
-    model = TRPO.load(out / "start.zip", env=make_vec_env("CartPole-v1", n_envs=1), distributed=True, batch_size=n_steps)
+    # a local minibatch of the local rollout by default: with two ranks, the global minibatch is the single process's
+    settings = json.loads(os.environ.get("WORKER_SETTINGS", "{}"))
+    model = TRPO.load(
+        out / "start.zip",
+        env=make_vec_env("CartPole-v1", n_envs=1),
+        distributed=True,
+        **{"batch_size": n_steps, **settings},
+    )
     model.set_logger(Logger(folder=None, output_formats=[]))
     buffer = model.rollout_buffer
     for name in BUFFER_FIELDS:

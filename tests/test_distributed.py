@@ -1,5 +1,6 @@
 """Data-parallel training: 2 processes launched by torchrun (gloo, loopback), and the single-process fallbacks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,11 +28,12 @@ def launcher_environment() -> dict[str, str]:
     return env
 
 
-def launch(mode: str, out: Path) -> None:
+def launch(mode: str, out: Path, settings: dict | None = None) -> None:
     """Run the worker script on 2 local processes with torchrun, as a user would."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command = [*launcher, str(WORKER), mode, str(out)]
-    result = subprocess.run(command, env=launcher_environment(), capture_output=True, text=True, timeout=300, check=False)
+    env = {**launcher_environment(), "WORKER_SETTINGS": json.dumps(settings or {})}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -137,6 +139,32 @@ def test_two_ranks_with_half_the_data_take_the_single_process_update(tmp_path):
     for key in ("train/step_size", "train/kl_divergence_loss", "train/surrogate_improvement", "train/value_loss"):
         assert rank0["logged"][key] == pytest.approx(logged[key], rel=1e-4), key
     th.testing.assert_close(rank0["final"], single, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gathered_critic_regression_is_the_regression_of_all_reduced_minibatch_gradients(tmp_path):
+    # several minibatches per epoch: the order of the SGD steps and each minibatch's composition show in the result
+    n_steps = 64
+    model = TRPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=n_steps, n_critic_updates=5, seed=0)
+    model.learn(2 * n_steps)
+    model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, n_steps)
+    model.save(tmp_path / "start")
+    np.savez(tmp_path / "rollout.npz", **{name: getattr(model.rollout_buffer, name) for name in BUFFER_FIELDS})
+    results = {}
+    for mode in ("gather", "gradients"):
+        launch("update", tmp_path, {"distributed_critic": mode, "batch_size": 12})  # 6 minibatches, the last of 4
+        results[mode] = load_ranks(tmp_path)
+        assert th.equal(results[mode][0]["final"], results[mode][1]["final"])
+    gather, gradients = results["gather"][0], results["gradients"][0]
+    # the same update, up to float summation order (the same minibatches in reverse order differ by 5e-3 here)
+    th.testing.assert_close(gather["final"], gradients["final"], rtol=1e-5, atol=1e-6)
+    assert gather["logged"]["train/value_loss"] == pytest.approx(gradients["logged"]["train/value_loss"], rel=1e-5)
+    # the critic's all-reduces (5 epochs x 6 minibatch gradients, then the mean loss) become two all-gathers (the
+    # data, the minibatch orders)
+    assert gradients["logged"]["distributed/all_reduces"] - gather["logged"]["distributed/all_reduces"] == 5 * 6 + 1
+    assert gather["logged"]["distributed/all_gathers"] == 2
+    assert gradients["logged"]["distributed/all_gathers"] == 0
+    start = flat_parameters(TRPO.load(tmp_path / "start.zip"))
+    assert not th.allclose(gather["final"], start)
 
 
 def test_maskable_trpo_trains_data_parallel_with_identical_parameters(tmp_path):

@@ -271,6 +271,7 @@ def test_shared_lstm_is_in_the_trust_region_and_the_critic_step_leaves_it(monkey
     [
         (dict(policy="MlpPolicy"), "needs a recurrent policy"),
         (dict(sub_sampling_factor=2), "sub_sampling_factor=2 is not allowed"),
+        (dict(distributed_critic="gather"), "distributed_critic='gather' is not allowed with RecurrentTRPO"),
         (dict(target_kl=-1.0), "target_kl=-1.0 is not allowed"),
     ],
 )
