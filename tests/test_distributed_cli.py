@@ -140,3 +140,17 @@ def test_processes_that_cannot_split_the_environments_are_refused(tmp_path):
     assert result.returncode != 0
     assert "2 processes share the run's n_envs=3, which they cannot split evenly" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_single_process_run_resumes_on_two_processes(tmp_path):
+    # the run's environments and minibatch are global: any number of processes that divides them may go on with it
+    output = tmp_path / "run"
+    assert main(["train", DOOMED, "--output", str(output), *RUN, "--timesteps", "320"]) == 0
+    result = torchrun("train", "--resume", str(output), "--timesteps", str(BUDGET), "--no-progress-bar", env={})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert list(np.load(output / EVALUATIONS)["timesteps"]) == list(range(64, BUDGET + 1, 64))
+    config = json.loads((output / CONFIG).read_text())
+    assert config["processes"] == 2
+    assert [(r["from_timesteps"], r["processes"]) for r in config["resumes"]] == [(320, 2)]
+    with zipfile.ZipFile(output / MODEL) as archive:
+        assert json.loads(archive.read("data"))["num_timesteps"] == BUDGET

@@ -4,7 +4,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sb3_trpo.cli import evaluate, plot, train, zoo
+from sb3_trpo.cli import evaluate, parallel, plot, train, zoo
 from sb3_trpo.cli.presets import CliError
 
 COMMANDS = {
@@ -44,4 +44,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one line, as the README promises, even when a message quotes text that has line breaks (an exception's)
         message = " ".join(str(error).split())
         print(f"sb3-trpo {args.command}: error: {message}", file=sys.stderr)
+        parallel.end_process(2)  # a torchrun worker: every rank refuses alike, and ends here
         return 2

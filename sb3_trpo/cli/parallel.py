@@ -89,9 +89,19 @@ def leave(replica: Replica) -> None:
         return
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_process(0)
+
+
+def end_process(status: int) -> None:
+    """End a data-parallel process with ``status`` once its output is flushed, without the interpreter's exit (see
+    :func:`leave`); do nothing in a process without a process group.
+
+    :param status: the exit status
+    """
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def elastic_restart() -> str | None:

@@ -260,7 +260,7 @@ def _resume_plan(args: argparse.Namespace, run_dir: Path, world_size: int, elast
             f"--resume {run_dir}: the run has trained {done:,} timesteps, its budget is {timesteps:,}: pass "
             f"--timesteps N with N > {done:,} to train it further."
         )
-    _check_split(recorded.n_envs, recorded.hyperparams, world_size)
+    _check_split(recorded.n_envs, recorded.hyperparams, world_size, resumed=True)
     model = (checkpoint / runs.MODEL).read_bytes()
     vec_normalize = checkpoint / runs.VEC_NORMALIZE
     seed = segment_seed(int(config["seed"]), done)
@@ -281,7 +281,7 @@ def _resume_plan(args: argparse.Namespace, run_dir: Path, world_size: int, elast
         "checkpoint_freq": checkpointing.checkpoint_frequency(args.checkpoint_freq, timesteps)
         if args.checkpoint_freq is not None
         else config["checkpoint_freq"],
-        "launch": parallel.elastic_launch_id() if elastic or parallel.elastic_launch_id() else config.get("launch"),
+        "launch": parallel.elastic_launch_id() or config.get("launch"),  # the launch that trains it now
         "resumes": [
             *config.get("resumes", []),
             {"from_timesteps": done, "seed": seed, "processes": world_size, "command": " ".join(sys.argv)},
@@ -352,7 +352,7 @@ def _check_numbers(args: argparse.Namespace, n_envs: int, timesteps: int, eval_f
         raise CliError(f"--checkpoint-freq {args.checkpoint_freq}: must be >= 0 (0 writes no checkpoints).")
 
 
-def _check_split(n_envs: int, hyperparams: dict[str, Any], world_size: int) -> None:
+def _check_split(n_envs: int, hyperparams: dict[str, Any], world_size: int, resumed: bool = False) -> None:
     """Refuse a data-parallel run whose environments or critic minibatch do not split evenly over the processes.
 
     The preset is the run's, whatever the number of processes: its ``n_envs`` environments and critic
@@ -363,10 +363,10 @@ def _check_split(n_envs: int, hyperparams: dict[str, Any], world_size: int) -> N
     batch_size = hyperparams.get("batch_size", BATCH_SIZE_DEFAULT)
     for name, value in (("n_envs", n_envs), ("batch_size", batch_size)):
         if value % world_size:
+            change = "" if resumed else f", or set --n-envs / --hyperparams batch_size=... to a multiple of {world_size}"
             raise CliError(
                 f"{world_size} processes share the run's {name}={value}, which they cannot split evenly: launch a "
-                f"number of processes that divides it, or set --n-envs / --hyperparams batch_size=... to a multiple "
-                f"of {world_size}."
+                f"number of processes that divides it{change}."
             )
 
 
