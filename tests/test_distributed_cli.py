@@ -85,6 +85,9 @@ def test_train_under_torchrun_trains_one_run_on_two_processes(two_processes):
     # the evaluations, on rank 0, at the global timesteps
     assert list(np.load(output / EVALUATIONS)["timesteps"]) == list(range(64, BUDGET + 1, 64))
     assert main(["eval", str(output), "--episodes", "2"]) == 0
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(output), "--output", str(output.parent / "curve.png")]) == 0
+    assert (output.parent / "curve.png").stat().st_size > 0
 
 
 def test_two_nodes_over_loopback_train_the_run_two_processes_of_one_node_train(two_processes, tmp_path):
