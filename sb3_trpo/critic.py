@@ -178,7 +178,8 @@ def gather_critic_data(
         all_returns = replica.all_gather(returns)
     # rank r's sample i is row r * n_samples + i of the gathered data
     offsets = th.arange(replica.world_size, device=returns.device).mul_(n_samples).view(-1, 1, 1)
-    all_permutations = replica.all_gather(permutations.unsqueeze(0)) + offsets  # (ranks, epochs, samples)
+    # sent as int32 (half int64's bytes; a rollout has far fewer than 2**31 samples), then as indices again
+    all_permutations = replica.all_gather(permutations.unsqueeze(0).to(th.int32)).long() + offsets  # (ranks, epochs, samples)
     orders = [
         th.cat(
             [all_permutations[:, epoch, start : start + batch_size].reshape(-1) for start in range(0, n_samples, batch_size)]
