@@ -11,7 +11,6 @@ import random
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,16 +18,15 @@ import numpy as np
 import stable_baselines3
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common import callbacks as sb3_callbacks
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback, ProgressBarCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat, make_output_format
+from stable_baselines3.common.logger import KVWriter, Logger, make_output_format
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize, sync_envs_normalization
-from torch.utils.tensorboard import SummaryWriter
 
 import sb3_trpo
 from sb3_trpo.cli import checkpointing, parallel, runs
+from sb3_trpo.cli.callbacks import ResumedTensorBoard, RunEvaluation, RunProgressBar, SaveVecNormalize, TextProgress
 from sb3_trpo.cli.presets import CliError, Preset, algorithm_for, apply_overrides, model_kwargs, preset_for
 from sb3_trpo.distributed import Replica
 from sb3_trpo.trpo import TRPO
@@ -512,18 +510,6 @@ def _continue_tensorboard(model: TRPO, resume: Resume, verbose: int) -> None:
     model.set_logger(logger)
 
 
-class ResumedTensorBoard(TensorBoardOutputFormat):
-    """SB3's TensorBoard output, continuing a run's curves at ``purge_step``.
-
-    :param folder: the run's TensorBoard folder
-    :param purge_step: events the run logged at this step or later are hidden (they are logged again)
-    """
-
-    def __init__(self, folder: str, purge_step: int) -> None:
-        self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
-        self._is_closed = False
-
-
 def _callbacks(
     plan: Plan, args: argparse.Namespace, model: TRPO, eval_env: VecEnv | None, world_size: int
 ) -> list[BaseCallback]:
@@ -590,93 +576,6 @@ def _check_policy_fits(policy: str, observation_space: spaces.Space, policy_kwar
             f"(channels, height, width), uint8 in [0, 255] unless policy_kwargs has normalize_images=False); {observes}: "
             f"use {mlp}."
         )
-
-
-class SaveVecNormalize(BaseCallback):
-    """Save the training environment's VecNormalize statistics; run by ``EvalCallback`` at each new best model.
-
-    ``EvalCallback`` evaluates with the training statistics synchronized into the evaluation environment, so the
-    statistics saved at that moment are the ones that go with the best model, not those at the end of training.
-
-    :param path: file the statistics are written to
-    """
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = path
-
-    def _on_step(self) -> bool:
-        vec_normalize = self.model.get_vec_normalize_env()
-        if vec_normalize is not None:
-            vec_normalize.save(str(self.path))
-        return True
-
-
-class TextProgress(BaseCallback):
-    """A plain progress line every 10% of the budget, for when SB3's progress bar (tqdm, rich) is not installed."""
-
-    def __init__(self, total: int) -> None:
-        super().__init__()
-        self.total = total
-        self.next_report = 0.1
-
-    def _on_step(self) -> bool:
-        done = self.num_timesteps / self.total
-        if done >= self.next_report:
-            print(f"  {min(done, 1.0):4.0%}  {self.num_timesteps:,} / {self.total:,} timesteps", flush=True)
-            self.next_report = (int(done * 10) + 1) / 10
-        return True
-
-
-class RunEvaluation(EvalCallback):
-    """SB3's ``EvalCallback`` recording the timesteps of all processes of a data-parallel run.
-
-    During a rollout, ``num_timesteps`` counts the samples collected so far by this process only (the global count
-    is agreed after the rollout), but every process takes the same number of steps per rollout: the global count
-    at this process's step ``k`` of a rollout is its start plus ``world_size`` times this process's samples.
-
-    :param eval_env: the evaluation environment
-    :param world_size: number of processes (1: SB3's ``EvalCallback`` unchanged)
-    :param kwargs: ``EvalCallback``'s other arguments
-    """
-
-    def __init__(self, eval_env: VecEnv, world_size: int, **kwargs: Any) -> None:
-        super().__init__(eval_env, **kwargs)
-        self.world_size = world_size
-        self._rollout_start = 0
-
-    def _init_callback(self) -> None:
-        with warnings.catch_warnings():
-            # with --vec-env subproc the one evaluation environment still steps in this process, on purpose (a
-            # subprocess would only add its round trip): SB3 warns that the types differ, which is harmless
-            warnings.filterwarnings("ignore", message="Training and eval env are not of the same type")
-            super()._init_callback()
-
-    def _on_rollout_start(self) -> None:
-        self._rollout_start = self.model.num_timesteps
-
-    def _on_step(self) -> bool:
-        self.num_timesteps = self._rollout_start + self.world_size * (self.model.num_timesteps - self._rollout_start)
-        return super()._on_step()
-
-
-class RunProgressBar(ProgressBarCallback):
-    """SB3's progress bar over the run's whole budget: a resumed run's starts at its checkpoint, and it counts the
-    samples of all processes of a data-parallel run (each collects ``num_envs`` per step, the same number).
-
-    :param world_size: number of processes
-    """
-
-    def __init__(self, world_size: int) -> None:
-        super().__init__()
-        self.world_size = world_size
-
-    def _on_training_start(self) -> None:
-        self.pbar = sb3_callbacks.tqdm(total=self.locals["total_timesteps"], initial=self.model.num_timesteps)
-
-    def _on_step(self) -> bool:
-        self.pbar.update(self.training_env.num_envs * self.world_size)
-        return True
 
 
 def _summary(model: TRPO, eval_env: VecEnv, output: Path, wall: float, start: int) -> None:
