@@ -66,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timesteps", type=int, help="training budget (default: the preset's, else 1,000,000)")
     parser.add_argument("--seed", type=int, help="random seed (default: drawn at random and recorded in config.json)")
-    parser.add_argument("--n-envs", type=int, help="parallel environments (default: the preset's, else 1)")
+    parser.add_argument(
+        "--n-envs",
+        type=int,
+        help="parallel environments, of all processes together under torchrun (default: the preset's, else 1)",
+    )
     parser.add_argument("--device", default="auto", help='torch device: "auto" (default), "cpu", "cuda", ...')
     parser.add_argument(
         "--threads",
