@@ -179,13 +179,12 @@ def gather_critic_data(
     # rank r's sample i is row r * n_samples + i of the gathered data
     offsets = th.arange(replica.world_size, device=returns.device).mul_(n_samples).view(-1, 1, 1)
     # sent as int32 (half int64's bytes; a rollout has far fewer than 2**31 samples), then as indices again
-    all_permutations = replica.all_gather(permutations.unsqueeze(0).to(th.int32)).long() + offsets  # (ranks, epochs, samples)
-    orders = [
-        th.cat(
-            [all_permutations[:, epoch, start : start + batch_size].reshape(-1) for start in range(0, n_samples, batch_size)]
-        )
-        for epoch in range(n_epochs)
-    ]
+    gathered = replica.all_gather(permutations.unsqueeze(0).to(th.int32)).long() + offsets  # (ranks, epochs, samples)
+    # each epoch's order: the ranks' minibatch k side by side, for every k (the last minibatch may be shorter)
+    world_size, full = replica.world_size, n_samples - n_samples % batch_size
+    whole = gathered[:, :, :full].reshape(world_size, n_epochs, -1, batch_size).permute(1, 2, 0, 3).reshape(n_epochs, -1)
+    rest = gathered[:, :, full:].permute(1, 0, 2).reshape(n_epochs, -1)
+    orders = list(th.cat([whole, rest], dim=1))
     return GatheredCriticData(all_inputs, all_returns, orders, batch_size * replica.world_size)
 
 

@@ -105,6 +105,24 @@ def import_sb3_contrib() -> ModuleType:
     return pytest.importorskip("sb3_contrib")
 
 
+def launcher_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment to launch torchrun with from a test: this one, the repository on ``PYTHONPATH`` (for the
+    ``tests`` modules), ``extra``, and none of the variables torchrun sets for its workers.
+
+    :param extra: variables to add
+    """
+    from pathlib import Path
+
+    from sb3_trpo.distributed import LAUNCHER_VARIABLES
+
+    root = str(Path(__file__).resolve().parent.parent)
+    environment = {**os.environ, **(extra or {})}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    for name in LAUNCHER_VARIABLES:  # the launcher sets these for its workers; none may leak in from outside
+        environment.pop(name, None)
+    return environment
+
+
 def free_port() -> int:
     """:return: a TCP port on the loopback interface that nothing listens on (for a rendezvous endpoint)"""
     import socket

@@ -1,7 +1,6 @@
 """Data-parallel training: 2 processes launched by torchrun (gloo, loopback), and the single-process fallbacks."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,24 +14,17 @@ from stable_baselines3.common.logger import Logger
 from sb3_trpo import TRPO
 from sb3_trpo.distributed import LAUNCHER_VARIABLES, Replica, gpu_for_process, raw_moments, set_from_raw_moments
 from tests.distributed_worker import BUFFER_FIELDS, TRAIN_TIMESTEPS, flat_parameters
-from tests.helpers import launch_two_nodes
+from tests.helpers import launch_two_nodes, launcher_environment
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 ROOT = WORKER.parent.parent
-
-
-def launcher_environment() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for name in LAUNCHER_VARIABLES:  # the launcher sets these for its workers; none may leak in from outside
-        env.pop(name, None)
-    return env
 
 
 def launch(mode: str, out: Path, settings: dict | None = None) -> None:
     """Run the worker script on 2 local processes with torchrun, as a user would."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command = [*launcher, str(WORKER), mode, str(out)]
-    env = {**launcher_environment(), "WORKER_SETTINGS": json.dumps(settings or {})}
+    env = launcher_environment({"WORKER_SETTINGS": json.dumps(settings or {})})
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

@@ -2,7 +2,6 @@
 after one of them is killed, which resume from the run's latest checkpoint."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import torch as th
 from sb3_trpo import TRPO
 from sb3_trpo.cli import checkpointing, main
 from sb3_trpo.cli.runs import CONFIG, EVALUATIONS, MODEL
-from sb3_trpo.distributed import LAUNCHER_VARIABLES
-from tests.helpers import launch_two_nodes
+from tests.helpers import launch_two_nodes, launcher_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 DOOMED = "tests.cli_envs.doomed:CliDoomed-v0"
@@ -43,14 +41,6 @@ def torchrun(*argv: str, env: dict[str, str], restarts: int = 0) -> subprocess.C
         text=True,
         timeout=300,
     )
-
-
-def launcher_environment(env: dict[str, str]) -> dict[str, str]:
-    environment = {**os.environ, **env}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    for name in LAUNCHER_VARIABLES:  # the launcher sets these for its workers; none may leak in from outside
-        environment.pop(name, None)
-    return environment
 
 
 def ranks(folder: Path) -> list[dict]:
@@ -148,7 +138,8 @@ def test_processes_that_cannot_split_the_environments_are_refused(tmp_path):
 def test_a_single_process_run_resumes_on_two_processes(tmp_path):
     # the run's environments and minibatch are global: any number of processes that divides them may go on with it
     output = tmp_path / "run"
-    assert main(["train", DOOMED, "--output", str(output), *RUN, "--timesteps", "320"]) == 0
+    # CliTiny-v0: importing the doomed module here would patch TRPO in this test process
+    assert main(["train", "tests.cli_envs.tiny:CliTiny-v0", "--output", str(output), *RUN, "--timesteps", "320"]) == 0
     result = torchrun("train", "--resume", str(output), "--timesteps", str(BUDGET), "--no-progress-bar", env={})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert list(np.load(output / EVALUATIONS)["timesteps"]) == list(range(64, BUDGET + 1, 64))
