@@ -216,9 +216,10 @@ class Replica:
         :param values: one value per row
         :param weights: 1 for a row that counts, 0 for padding
         """
+        real = weights > 0  # padding is selected away, not multiplied by 0 (it may hold anything)
         count = self.sum(weights.sum())
-        mean = self.sum((values * weights).sum()) / count
-        sum_sq = self.sum((((values - mean) ** 2) * weights).sum())
+        mean = self.sum(th.where(real, values, 0.0).sum()) / count
+        sum_sq = self.sum(th.where(real, (values - mean) ** 2, 0.0).sum())
         return mean, (sum_sq / (count - 1)).sqrt()
 
     def mean_of_tensors(self, tensors: Sequence[th.Tensor | None], like: Sequence[th.Tensor]) -> list[th.Tensor]:

@@ -94,6 +94,8 @@ class JacobianFisherProduct:
         self._scale: float | th.Tensor = (
             1.0 / params.tensors[0].shape[0] if weights is None else (weights / weights.sum()).reshape(-1, 1)
         )
+        # rows of weight 0 are selected away, not multiplied by 0: a padded row's M J v may not be finite
+        self._rows = None if weights is None else (weights > 0).reshape(-1, 1)
         self._damping = damping
         # A distribution tensor with no autograd history (a frozen log_std, a frozen mean head) does not depend on θ:
         # its block of J is zero, so it contributes nothing to Jᵀ M J (M has no cross term between the tensors of a
@@ -126,7 +128,10 @@ class JacobianFisherProduct:
 
     def __call__(self, vector: th.Tensor) -> th.Tensor:
         metric_jv = fisher_metric_product(self._at, self.jvp(vector))
-        return self.vjp(tuple(self._scale * t for t in metric_jv)) + self._damping * vector
+        scaled = tuple(self._scale * t for t in metric_jv)
+        if self._rows is not None:
+            scaled = tuple(th.where(self._rows, t, 0.0) for t in scaled)
+        return self.vjp(scaled) + self._damping * vector
 
 
 class MlpLayer(NamedTuple):

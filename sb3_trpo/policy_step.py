@@ -142,10 +142,11 @@ class Evaluator(Protocol):
 
 
 def weighted_mean(values: th.Tensor, weights: th.Tensor | None) -> th.Tensor:
-    """:return: the mean of ``values`` over rows with ``weights`` (the plain mean without)"""
+    """:return: the mean of ``values`` over rows with ``weights`` (the plain mean without); rows of weight 0 are left
+    out whatever they hold (selected away, not multiplied by 0: ``inf · 0`` is NaN)"""
     if weights is None:
         return values.mean()
-    return (values * weights).sum() / weights.sum()
+    return th.where(weights > 0, values * weights, 0.0).sum() / weights.sum()
 
 
 class FeedForwardEvaluator:
@@ -238,9 +239,19 @@ def trust_region_step(
         (total,) = replica.sum_of_floats([own], device)
         share = own * replica.world_size / total
 
+    real = None if weights is None else weights > 0
+    if real is not None:  # a padded row's advantage is whatever the buffer left there: none enters the surrogate
+        advantages = th.where(real, advantages, 0.0)
+
     def surrogate(log_prob: th.Tensor) -> th.Tensor:
         # L(θ) = E[π_θ(a|s) / π_old(a|s) · A] (TRPO paper, eq. 14)
-        return weighted_mean(th.exp(log_prob - old_log_prob) * advantages, weights)
+        log_ratio = log_prob - old_log_prob
+        if real is not None:
+            # a padded row's ratio is taken as 1 before the exponential: its stored log-probability and action are
+            # padding (sb3-contrib pads them with 0), and exp of their difference may overflow to inf, whose
+            # gradient (inf · 0) would be NaN even where the mean selects the row away
+            log_ratio = th.where(real, log_ratio, 0.0)
+        return weighted_mean(th.exp(log_ratio) * advantages, weights)
 
     # 1. gradient of the surrogate w.r.t. the actor parameters; the forward pass is kept for the Fisher product
     theta = theta_old.clone().requires_grad_(True)

@@ -115,7 +115,8 @@ def _step(policy: RecurrentActorCriticPolicy, batch: dict[str, Any], old_log_pro
 
 
 @pytest.mark.parametrize("name", list(SPACES))
-def test_padded_rows_never_change_the_step(name, float64_observations):
+@pytest.mark.parametrize("padded_log_prob", [-7.0, -1000.0])  # -1000: exp(log π - (-1000)) overflows to inf
+def test_padded_rows_never_change_the_step(name, padded_log_prob, float64_observations):
     steps = []
     for perturb in (False, True):
         policy = tiny_recurrent_policy(SPACES[name])
@@ -128,12 +129,30 @@ def test_padded_rows_never_change_the_step(name, float64_observations):
             batch["obs"][padded] = 5.0
             batch["actions"][padded] = batch["actions"][padded].flip(0) if name == "discrete" else 3.0
             old_log_prob, advantages = old_log_prob.clone(), advantages.clone()
-            old_log_prob[padded], advantages[padded] = -7.0, 100.0
+            old_log_prob[padded], advantages[padded] = padded_log_prob, 100.0
         steps.append(_step(policy, batch, old_log_prob, advantages))
     (first, theta_first), (second, theta_second) = steps
     assert first.accepted
     assert th.equal(theta_first, theta_second)
     assert first == second
+
+
+def test_a_padded_ratio_that_overflows_skips_no_update():
+    """64-D Box actions with log_std_init=-2.5: the density at the padded action 0 is about e^101 (64 · (2.5 - ½ log 2π)
+    nats), so exp(log π(0) - 0), the ratio of a row sb3-contrib pads with zeros, overflows float32 to inf."""
+    env = RandomEnv(BOX_OBS, spaces.Box(-1.0, 1.0, (64,), np.float32), ep_length=7)
+    model = RecurrentTRPO("MlpLstmPolicy", env, n_steps=64, batch_size=64, policy_kwargs=dict(log_std_init=-2.5), seed=0)
+    before = th.nn.utils.parameters_to_vector(model.policy.parameters()).clone()
+    model.learn(192)  # 3 updates; a skipped step would warn (an error under the test suite's filterwarnings)
+    assert model._skipped_policy_steps == 0
+    assert not th.equal(th.nn.utils.parameters_to_vector(model.policy.parameters()), before)
+    batch = model._rollout_batch()  # the last rollout's sequences, as the update saw them
+    assert batch.weights is not None
+    actor = model._get_actor_view(batch)
+    with th.no_grad():
+        log_prob = actor.evaluate(actor.flat(), batch.observations, batch.actions, context=batch.context).log_prob
+    padded = batch.weights == 0
+    assert not th.isfinite(th.exp(log_prob[padded] - batch.old_log_prob[padded])).all(), "degenerate test: no overflow"
 
 
 def test_without_cudnn_turns_cudnn_off_on_cuda_devices_only():
