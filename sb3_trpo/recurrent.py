@@ -15,6 +15,7 @@ and candidate sees the same network) and, on CUDA, without cuDNN (whose RNN kern
 """
 
 import contextlib
+import inspect
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -22,6 +23,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -74,6 +76,41 @@ def fold_sequence_starts(context: RecurrentContext) -> RecurrentContext:
     folded = by_sequence.clone()
     folded[:, 0] = 0.0
     return (hidden * keep, cell * keep), folded.reshape(-1)
+
+
+def has_multi_discrete_leaf(space: spaces.Space) -> bool:
+    """:return: whether ``space`` is, or a Dict space holds, a MultiDiscrete space"""
+    if isinstance(space, spaces.Dict):
+        return any(has_multi_discrete_leaf(subspace) for subspace in space.spaces.values())
+    return isinstance(space, spaces.MultiDiscrete)
+
+
+def default_features_extractor(policy_class: type[BasePolicy]) -> type[BaseFeaturesExtractor]:
+    """:return: the features extractor ``policy_class`` builds when ``policy_kwargs`` names none"""
+    parameter = inspect.signature(policy_class).parameters.get("features_extractor_class")
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return FlattenExtractor
+    extractor: type[BaseFeaturesExtractor] = parameter.default
+    return extractor
+
+
+class IntegerFeaturesDim:
+    """A features extractor class whose extractors report ``features_dim`` as a Python ``int``.
+
+    SB3 counts the features of a MultiDiscrete observation as ``sum(nvec)``, a numpy integer, and sb3-contrib's
+    recurrent policies pass it to ``nn.LSTM(input_size=...)``, which refuses anything but ``int`` (RecurrentPPO
+    cannot be built on such observations). Used as ``features_extractor_class`` while the policy is built.
+
+    :param extractor_class: the features extractor class to build
+    """
+
+    def __init__(self, extractor_class: type[BaseFeaturesExtractor]) -> None:
+        self.extractor_class = extractor_class
+
+    def __call__(self, observation_space: spaces.Space, **kwargs: Any) -> BaseFeaturesExtractor:
+        extractor = self.extractor_class(observation_space, **kwargs)
+        extractor._features_dim = int(extractor.features_dim)
+        return extractor
 
 
 class RecurrentEvaluator:
@@ -166,11 +203,18 @@ class RecurrentTRPO(TRPO):
         """RecurrentPPO's set-up: the recurrent policy, a buffer that stores its LSTM states, zero initial states."""
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
+        policy_kwargs = dict(self.policy_kwargs)
+        extractor_class = None
+        if has_multi_discrete_leaf(self.observation_space):
+            extractor_class = policy_kwargs.get("features_extractor_class", default_features_extractor(self.policy_class))
+            policy_kwargs["features_extractor_class"] = IntegerFeaturesDim(extractor_class)
         policy = self.policy_class(
-            self.observation_space, self.action_space, self.lr_schedule, use_sde=self.use_sde, **self.policy_kwargs
+            self.observation_space, self.action_space, self.lr_schedule, use_sde=self.use_sde, **policy_kwargs
         )
         if not isinstance(policy, RecurrentActorCriticPolicy):
             raise ValueError(f"RecurrentTRPO needs a RecurrentActorCriticPolicy, got {type(policy).__name__}.")
+        if extractor_class is not None:  # the wrapper was needed while the LSTM was built only
+            policy.features_extractor_class = extractor_class
         self.policy = policy.to(self.device)
         lstm = self.policy.lstm_actor
         state_shape = (lstm.num_layers, self.n_envs, lstm.hidden_size)
@@ -217,7 +261,9 @@ class RecurrentTRPO(TRPO):
         sequences at a random point at every draw)."""
         # sb3-contrib's RecurrentRolloutBufferSamples or RecurrentDictRolloutBufferSamples
         data: Any = next(self.rollout_buffer.get(batch_size=None))
-        actions = data.actions
+        # sb3-contrib's recurrent buffers keep the action space's dtype (int8 for MultiBinary, which Bernoulli's
+        # log-probability refuses); SB3's own buffers hand out float32 actions: so do these
+        actions = data.actions.float()
         if isinstance(self.action_space, spaces.Discrete):
             actions = actions.long().flatten()
         weights = (data.mask > 1e-8).to(data.advantages.dtype)

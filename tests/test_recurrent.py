@@ -11,7 +11,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from tests.helpers import BOX_OBS, RandomEnv, import_sb3_contrib
+from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv, import_sb3_contrib
 
 import_sb3_contrib()  # a dev dependency: required in CI, skipped elsewhere without it
 
@@ -394,6 +394,45 @@ def test_the_cnn_and_multi_input_aliases_train(policy, observation_space):
     model.learn(64)
     assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
     assert any(not th.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", list(ACTION_SPACES))
+def test_every_action_space_takes_accepted_steps(name):
+    """MultiBinary included: sb3-contrib's recurrent buffer hands its actions out as int8, which Bernoulli's
+    log-probability refuses (RecurrentPPO fails there)."""
+    env = make_vec_env(lambda: RandomEnv(BOX_OBS, ACTION_SPACES[name], ep_length=7), n_envs=2, seed=0)
+    model = RecurrentTRPO("MlpLstmPolicy", env, n_steps=16, batch_size=16, seed=0, policy_kwargs=dict(lstm_hidden_size=8))
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(64)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert any(not th.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("policy", "observation_space", "n_features"),
+    [
+        ("MlpLstmPolicy", spaces.MultiDiscrete([3, 4]), 3 + 4),  # one-hot per sub-space
+        ("MultiInputLstmPolicy", spaces.Dict({"vector": BOX_OBS, "cells": spaces.MultiDiscrete([2, 5])}), 3 + 2 + 5),
+    ],
+)
+def test_multi_discrete_observations_build_train_and_round_trip(policy, observation_space, n_features, tmp_path):
+    """SB3 counts a MultiDiscrete observation's features as a numpy integer, which nn.LSTM refuses as its input size
+    (RecurrentPPO cannot be built on it)."""
+    env = make_vec_env(lambda: RandomEnv(observation_space, SPACES["discrete"], ep_length=7), n_envs=2, seed=0)
+    model = RecurrentTRPO(policy, env, n_steps=16, batch_size=16, seed=0, policy_kwargs=dict(lstm_hidden_size=8))
+    assert model.policy.lstm_actor.input_size == n_features
+    # the policy keeps the extractor class it was given, as sb3-contrib's does
+    assert model.policy.features_extractor_class is type(model.policy.features_extractor)
+    model.learn(64)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    obs = env.reset()
+    actions, states = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "model")
+    loaded = RecurrentTRPO.load(tmp_path / "model", env=env)
+    loaded_actions, loaded_states = loaded.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(actions, loaded_actions)
+    np.testing.assert_array_equal(states[0], loaded_states[0])
+    loaded.learn(32)
 
 
 def test_non_finite_observations_stop_training_with_the_model_unchanged():
