@@ -135,11 +135,18 @@ def test_processes_that_cannot_split_the_environments_are_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_single_process_run_resumes_on_two_processes(tmp_path):
-    # the run's environments and minibatch are global: any number of processes that divides them may go on with it
+@pytest.mark.parametrize("form", ["module-colon-id", "gym-packages"])
+def test_a_single_process_run_resumes_on_two_processes(tmp_path, form):
+    # the run's environments and minibatch are global: any number of processes that divides them may go on with it;
+    # every rank imports the modules the run recorded (--gym-packages is not repeated with --resume)
     output = tmp_path / "run"
     # CliTiny-v0: importing the doomed module here would patch TRPO in this test process
-    assert main(["train", "tests.cli_envs.tiny:CliTiny-v0", "--output", str(output), *RUN, "--timesteps", "320"]) == 0
+    env = (
+        ["tests.cli_envs.tiny:CliTiny-v0"]
+        if form == "module-colon-id"
+        else ["CliTiny-v0", "--gym-packages", "tests.cli_envs.tiny"]
+    )
+    assert main(["train", *env, "--output", str(output), *RUN, "--timesteps", "320"]) == 0
     result = torchrun("train", "--resume", str(output), "--timesteps", str(BUDGET), "--no-progress-bar", env={})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert list(np.load(output / EVALUATIONS)["timesteps"]) == list(range(64, BUDGET + 1, 64))

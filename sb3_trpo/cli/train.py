@@ -119,6 +119,10 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
     # a process-wide setting: the CLI owns its process, the library never changes it
     th.set_num_threads(args.threads)
     env_id = str(config["env_id"])
+    # rank 0 imported them while deciding; every rank needs the registrations (a resumed run's, or an elastic restart
+    # of one, are on record only, not on the command line)
+    gym_packages = runs.recorded_gym_packages(config, output)
+    runs.import_gym_packages(gym_packages)
     n_envs = int(config["n_envs"])
     per_process = n_envs // world_size
     seed = resume.seed if resume is not None else int(config["seed"])
@@ -131,7 +135,7 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
         seed + replica.rank * per_process,
         env_kwargs,
         vec_env_cls=vec_env_cls,
-        gym_packages=config["gym_packages"],
+        gym_packages=gym_packages,
     )
     eval_env = runs.make_env(env_id, 1, seed + 1_000_000, env_kwargs=env_kwargs) if main else None
     try:  # the environment's own mistake, not the hyperparameters' (TRPO's constructor would say the same later)
