@@ -203,10 +203,10 @@ class FeedForwardEvaluator:
         return JacobianFisherProduct(fisher_theta, fisher_params, damping=self._damping)
 
 
-def _entropy(evaluation: PolicyEvaluation, weights: th.Tensor | None) -> float:
-    """Mean entropy; for tanh-squashed Gaussians (no closed form) the estimate -log π(a|s)."""
+def _entropy(evaluation: PolicyEvaluation, weights: th.Tensor | None) -> th.Tensor:
+    """Mean entropy of this process's batch; for tanh-squashed Gaussians (no closed form) the estimate -log π(a|s)."""
     entropy = evaluation.entropy if evaluation.entropy is not None else -evaluation.log_prob
-    return weighted_mean(entropy.detach(), weights).item()
+    return weighted_mean(entropy.detach(), weights)
 
 
 def trust_region_step(
@@ -258,12 +258,11 @@ def trust_region_step(
     current = evaluator.evaluate(theta)
     objective = surrogate(current.log_prob)
     (gradient,) = th.autograd.grad(objective, theta, retain_graph=evaluator.needs_graph)
-    # data parallel: the global surrogate and its gradient are the means over ranks (one all-reduce)
-    local = th.cat([gradient, objective.detach().reshape(1)])
+    # data parallel: the global surrogate, its gradient and the entropy are the means over ranks (one all-reduce)
+    local = th.cat([gradient, objective.detach().reshape(1), _entropy(current, weights).reshape(1).to(gradient.dtype)])
     reduced = replica.mean(local if share == 1.0 else share * local)
-    gradient, old_objective = reduced[:-1], reduced[-1].item()
+    gradient, old_objective, old_entropy = reduced[:-2], reduced[-2].item(), reduced[-1].item()
     old_params = current.params.detach()
-    old_entropy = _entropy(current, weights)
     if not math.isfinite(old_objective) or not bool(th.isfinite(gradient).all()):
         return PolicyStepResult.unchanged(
             old_objective, 0, math.nan, old_entropy, "the surrogate or its gradient is not finite"
@@ -297,18 +296,20 @@ def trust_region_step(
         return PolicyStepResult.unchanged(old_objective, 0, math.nan, old_entropy, reason)
 
     # 4. backtracking line search on the real surrogate and KL (on the whole batch)
-    candidates: list[PolicyEvaluation] = []  # the search stops at the accepted one: it is the last
+    entropies: list[float] = []  # of every candidate, over all ranks: the search stops at the accepted one
 
     def trial(coefficient: float) -> Trial:
         with th.no_grad():
-            candidates.append(evaluator.evaluate(theta_old + coefficient * cg.x))
-            objective, kl = replica.mean_of_floats(
+            candidate = evaluator.evaluate(theta_old + coefficient * cg.x)
+            objective, kl, entropy = replica.mean_of_floats(
                 [
-                    share * surrogate(candidates[-1].log_prob).item(),
-                    share * weighted_mean(kl_divergence(old_params, candidates[-1].params), weights).item(),
+                    share * surrogate(candidate.log_prob).item(),
+                    share * weighted_mean(kl_divergence(old_params, candidate.params), weights).item(),
+                    share * _entropy(candidate, weights).item(),
                 ],
                 device,
             )
+            entropies.append(entropy)
             return Trial(improvement=objective - old_objective, kl=kl)
 
     search = backtracking_line_search(
@@ -331,6 +332,6 @@ def trust_region_step(
             line_search_steps=search.n_backtracks,
             step_size=search.step_coefficient,
             cg_residual=cg_residual,
-            entropy=_entropy(candidates[-1], weights),
+            entropy=entropies[-1],
         )
     return PolicyStepResult.unchanged(old_objective, search.n_backtracks, cg_residual, old_entropy)
