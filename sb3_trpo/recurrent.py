@@ -181,23 +181,33 @@ class RecurrentTRPO(TRPO):
                 f"RecurrentTRPO needs a recurrent policy, got {policy!r}: use 'MlpLstmPolicy', 'CnnLstmPolicy', "
                 "'MultiInputLstmPolicy' or a subclass of sb3_contrib.common.recurrent.policies.RecurrentActorCriticPolicy."
             )
-        if kwargs.get("sub_sampling_factor", 1) != 1:
-            raise ValueError(
-                f"sub_sampling_factor={kwargs['sub_sampling_factor']!r} is not allowed with RecurrentTRPO: it must be 1 "
-                "(every k-th row of a batch of sequences is no sequence the LSTM could read)."
-            )
-        if kwargs.setdefault("distributed_critic", "gradients") != "gradients":
-            raise ValueError(
-                f"distributed_critic={kwargs['distributed_critic']!r} is not allowed with RecurrentTRPO: it must be "
-                '"gradients" (its critic regresses over padded sequences drawn anew by each rank\'s buffer, whose '
-                "minibatch gradients are all-reduced)."
-            )
+        kwargs.setdefault("distributed_critic", "gradients")
+        self._check_variant_arguments(kwargs)
         init_setup_model = kwargs.pop("_init_setup_model", True)
         super().__init__(policy, env, _init_setup_model=False, **kwargs)
         if init_setup_model:  # as TRPO does when it sets up the model itself
             if self.env is not None:
                 self._check_rollout_size()
             self._setup_model()
+
+    @classmethod
+    def _check_variant_arguments(cls, arguments: dict[str, Any]) -> None:
+        """Refuse the keywords of TRPO that RecurrentTRPO cannot honour (given to the constructor or to ``load``).
+
+        :param arguments: keyword arguments by name
+        :raises ValueError: naming the keyword, its value and what is allowed
+        """
+        if arguments.get("sub_sampling_factor", 1) != 1:
+            raise ValueError(
+                f"sub_sampling_factor={arguments['sub_sampling_factor']!r} is not allowed with RecurrentTRPO: it must be "
+                "1 (every k-th row of a batch of sequences is no sequence the LSTM could read)."
+            )
+        if arguments.get("distributed_critic", "gradients") != "gradients":
+            raise ValueError(
+                f"distributed_critic={arguments['distributed_critic']!r} is not allowed with RecurrentTRPO: it must be "
+                '"gradients" (its critic regresses over padded sequences drawn anew by each rank\'s buffer, whose '
+                "minibatch gradients are all-reduced)."
+            )
 
     def _setup_policy_and_buffer(self) -> None:
         """RecurrentPPO's set-up: the recurrent policy, a buffer that stores its LSTM states, zero initial states."""

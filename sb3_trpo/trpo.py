@@ -234,6 +234,15 @@ class TRPO(DataParallelAlgorithm):
         if _init_setup_model:
             self._setup_model()
 
+    @classmethod
+    def _check_variant_arguments(cls, arguments: dict[str, Any]) -> None:
+        """Refuse keywords this class cannot honour, beyond TRPO's own rules (none here; subclasses add theirs). Called
+        by the subclass's constructor and by :meth:`load`, whose keywords override the saved settings.
+
+        :param arguments: keyword arguments by name
+        :raises ValueError: naming the keyword, its value and what is allowed
+        """
+
     def _check_rollout_size(self, stacklevel: int = 3) -> None:
         """Refuse a rollout too small to normalize, and warn about a truncated last minibatch.
 
@@ -508,6 +517,7 @@ class TRPO(DataParallelAlgorithm):
         Other arguments as in SB3's ``BaseAlgorithm.load``.
         """
         check_arguments(kwargs)
+        cls._check_variant_arguments(kwargs)
         check_model_file(path)
         model = super().load(
             path,
