@@ -302,6 +302,22 @@ def test_what_a_user_passes_in_is_checked(kwargs, match):
         RecurrentTRPO(ActorCriticPolicy if policy == "MlpPolicy" else policy, "CartPole-v1", **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(sub_sampling_factor=2), "sub_sampling_factor=2 is not allowed with RecurrentTRPO"),
+        (dict(distributed_critic="gather"), "distributed_critic='gather' is not allowed with RecurrentTRPO"),
+    ],
+)
+def test_load_refuses_what_the_constructor_refuses(kwargs, match, tmp_path):
+    # load()'s keywords override the saved settings: they would have been ignored (the step never sub-samples
+    # sequences, and the recurrent critic step always all-reduces gradients)
+    env = make_vec_env(lambda: RandomEnv(BOX_OBS, SPACES["discrete"], ep_length=7), n_envs=1, seed=0)
+    RecurrentTRPO("MlpLstmPolicy", env, n_steps=16, batch_size=16, policy_kwargs=dict(lstm_hidden_size=4)).save(tmp_path / "m")
+    with pytest.raises(ValueError, match=match):
+        RecurrentTRPO.load(tmp_path / "m", env=env, **kwargs)
+
+
 def test_import_sb3_trpo_needs_no_sb3_contrib_and_recurrent_trpo_says_how_to_install_it():
     code = (
         "import sys; sys.modules['sb3_contrib'] = None\n"
