@@ -71,9 +71,19 @@ def vec_normalize_running_stats(env: VecEnv | None) -> list[RunningMeanStd]:
     vec_normalize = unwrap_vec_normalize(env) if env is not None else None
     if vec_normalize is None or not vec_normalize.training:
         return []
-    obs_rms = getattr(vec_normalize, "obs_rms", None)  # absent with norm_obs=False
+    return ordered_running_stats(getattr(vec_normalize, "obs_rms", None), vec_normalize.ret_rms)
+
+
+def ordered_running_stats(
+    obs_rms: RunningMeanStd | dict[str, RunningMeanStd] | None, ret_rms: RunningMeanStd
+) -> list[RunningMeanStd]:
+    """:return: VecNormalize's running statistics in the order :func:`vec_normalize_running_stats` gives them
+
+    :param obs_rms: the observations' (a dict of them for Dict spaces; ``None`` with ``norm_obs=False``)
+    :param ret_rms: the returns'
+    """
     obs_stats = [] if obs_rms is None else [obs_rms[k] for k in sorted(obs_rms)] if isinstance(obs_rms, dict) else [obs_rms]
-    return [*obs_stats, vec_normalize.ret_rms]
+    return [*obs_stats, ret_rms]
 
 
 # ---------------------------------------------------------------------------------------------------------------

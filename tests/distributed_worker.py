@@ -3,10 +3,11 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py MODE OUT_DIR
 
 Modes:
-- ``train``: data-parallel TRPO on CartPole-v1 (VecNormalize, TensorBoard, a checkpoint); each rank writes what it
-  ended with to ``OUT_DIR/rank{R}.pt``.
+- ``train``: data-parallel TRPO on CartPole-v1 (VecNormalize, TensorBoard, SB3's CheckpointCallback on every rank);
+  each rank writes what it ended with to ``OUT_DIR/rank{R}.pt``.
 - ``maskable``, ``recurrent``: MaskableTRPO or RecurrentTRPO in data-parallel training, parameters to
   ``OUT_DIR/rank{R}.pt``.
+- ``uneven``: ranks with different numbers of environments (refused).
 - ``update``: loads ``OUT_DIR/start.zip``, fills its rollout buffer with its share of ``OUT_DIR/rollout.npz``
   (environment column R), makes one ``train()`` call and writes its parameters to ``OUT_DIR/rank{R}.pt``
   (``WORKER_SETTINGS``: JSON of settings given to ``TRPO.load``, e.g. ``{"distributed_critic": "gradients"}``).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback, ProgressBarCallback
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, ProgressBarCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import Logger
@@ -27,6 +28,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from torch import distributed as dist
 
 from sb3_trpo import TRPO
+from sb3_trpo.distributed import raw_moments
 
 BUFFER_FIELDS = ("observations", "actions", "rewards", "advantages", "returns", "episode_starts", "values", "log_probs")
 TRAIN_TIMESTEPS = 12_288  # global: 6 iterations of 2 ranks x 2 envs x 512 steps
@@ -48,6 +50,33 @@ class FirstObservations(BaseCallback):
         return True
 
 
+class RolloutStarts(BaseCallback):
+    """Records, at the start of every rollout, this rank's parameters and VecNormalize statistics (after the ranks'
+    agreement: the same on every rank but in the first rollout, which starts after each rank's own reset)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[dict] = []
+
+    def _on_rollout_start(self) -> None:
+        env = self.model.get_env()
+        self.starts.append(
+            {
+                "parameters": flat_parameters(self.model),
+                "obs_rms": raw_moments(env.obs_rms),
+                "ret_rms": raw_moments(env.ret_rms),
+            }
+        )
+
+    def _on_step(self) -> bool:
+        return True
+
+
+#: SB3's CheckpointCallback, given to every rank, as users write it: every 640 calls (in the 2nd, 3rd, 4th rollout, and
+#: at the last step of the 5th, of 512 calls each)
+CHECKPOINT_FREQ = 640
+
+
 def flat_parameters(model: TRPO) -> th.Tensor:
     return th.cat([t.detach().reshape(-1).cpu() for t in model.policy.state_dict().values()])
 
@@ -57,12 +86,19 @@ def train(out: Path) -> None:
     model = TRPO("MlpPolicy", env, n_steps=512, batch_size=128, seed=0, distributed=True, tensorboard_log=str(out / "tb"))
     initial = flat_parameters(model)
     callback = FirstObservations()
-    set_up = model._init_callback
+    starts = RolloutStarts()
+    checkpoints = CheckpointCallback(CHECKPOINT_FREQ, str(out / "checkpoints"), save_vecnormalize=True)
+    statistics_written: list[str] = []  # the VecNormalize files this rank writes
+    save_statistics = VecNormalize.save
+    VecNormalize.save = lambda self, path: statistics_written.append(str(path)) or save_statistics(self, path)  # type: ignore[method-assign]
+    set_up = TRPO._init_callback
     callbacks: list[BaseCallback] = []
-    # keep the callback learn() builds, to read its progress bar afterwards
-    model._init_callback = lambda *args, **kwargs: callbacks.append(set_up(*args, **kwargs)) or callbacks[-1]  # type: ignore[method-assign]
-    model.learn(TRAIN_TIMESTEPS, callback=callback, progress_bar=True)
-    del model._init_callback  # not saved with the model
+    # keep the callback learn() builds, to read its progress bar afterwards (patched on the class: the checkpoints
+    # pickle the model's attributes)
+    TRPO._init_callback = lambda self, *args, **kwargs: callbacks.append(set_up(self, *args, **kwargs)) or callbacks[-1]  # type: ignore[method-assign]
+    model.learn(TRAIN_TIMESTEPS, callback=[callback, starts, checkpoints], progress_bar=True)
+    TRPO._init_callback = set_up  # type: ignore[method-assign]
+    VecNormalize.save = save_statistics  # type: ignore[method-assign]
     bars = [c for c in getattr(callbacks[0], "callbacks", []) if isinstance(c, ProgressBarCallback)]
     model.save(out / "model")
     env.training = False
@@ -78,6 +114,8 @@ def train(out: Path) -> None:
             "ret_rms": (env.ret_rms.mean, env.ret_rms.var, env.ret_rms.count),
             "mean_return": mean_return,
             "progress_bars": [bar.pbar.n for bar in bars],  # rank 0 alone shows one
+            "rollout_starts": starts.starts,
+            "statistics_written": statistics_written,
         },
         out / f"rank{dist.get_rank()}.pt",
     )
@@ -132,6 +170,22 @@ def recurrent(out: Path) -> None:
     th.save(result, out / f"rank{dist.get_rank()}.pt")
 
 
+def uneven(out: Path) -> None:
+    """Rollouts of one size from different numbers of environments (rank 0: 2 x 64 steps, rank 1: 1 x 128): refused,
+    on every rank, with the message written to ``OUT_DIR/rank{R}.pt``."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+    n_envs = 2 - rank
+    model = TRPO(
+        "MlpPolicy", make_vec_env("CartPole-v1", n_envs=n_envs), n_steps=128 // n_envs, batch_size=64, distributed=True
+    )
+    try:
+        model.learn(256)
+        message = None
+    except ValueError as error:
+        message = str(error)
+    th.save({"message": message}, out / f"rank{rank}.pt")
+
+
 RECURRENT_FIELDS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
 
 
@@ -160,9 +214,8 @@ def recurrent_update(out: Path) -> None:
 if __name__ == "__main__":
     th.set_num_threads(1)
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"train": train, "update": update, "maskable": maskable, "recurrent": recurrent, "recurrent_update": recurrent_update}[
-        mode
-    ](out_dir)
+    modes = {"train": train, "update": update, "maskable": maskable, "recurrent": recurrent, "uneven": uneven}
+    {**modes, "recurrent_update": recurrent_update}[mode](out_dir)
     if dist.is_initialized():
         # Every rank past its last collective before any closes its connections: without this barrier, a rank of the
         # short `update` mode sometimes died with SIGABRT ("terminate called without an active exception": 1 run in

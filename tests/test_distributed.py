@@ -1,8 +1,10 @@
 """Data-parallel training: 2 processes launched by torchrun (gloo, loopback), and the single-process fallbacks."""
 
 import json
+import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,9 @@ import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import Logger
 
-from sb3_trpo import TRPO
+from sb3_trpo import TRPO, load_latest_checkpoint
 from sb3_trpo.distributed import LAUNCHER_VARIABLES, Replica, gpu_for_process, raw_moments, set_from_raw_moments
-from tests.distributed_worker import BUFFER_FIELDS, TRAIN_TIMESTEPS, flat_parameters
+from tests.distributed_worker import BUFFER_FIELDS, CHECKPOINT_FREQ, TRAIN_TIMESTEPS, flat_parameters
 from tests.helpers import launch_two_nodes, launcher_environment
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -102,6 +104,46 @@ def test_only_rank_0_logs_and_its_checkpoint_loads_in_a_single_process(trained):
     model.predict(obs, deterministic=True)
 
 
+def test_checkpoint_callback_on_every_rank_writes_once_the_state_of_the_rollout_start(trained):
+    """SB3's CheckpointCallback(save_vecnormalize=True) given to every rank, saving in the middle of rollouts: rank 0
+    alone writes, the statistics are those all ranks agreed on, and the model is the state they go with."""
+    out, (rank0, rank1) = trained
+    folder = out / "checkpoints"
+    rollout = 2 * 2 * 512  # global samples per rollout: 2 ranks x 2 envs x 512 steps
+    # call k of the callback is step k of every rank: the global count is the rollout start plus 2 x 2 per step
+    calls = range(CHECKPOINT_FREQ, TRAIN_TIMESTEPS // 4 + 1, CHECKPOINT_FREQ)
+    names = [(call - 1) // 512 * rollout + 4 * ((call - 1) % 512 + 1) for call in calls]
+    assert names == [2560, 5120, 7680, 10240]
+    assert rank1["statistics_written"] == []  # not once per rank
+    assert rank0["statistics_written"] == [str(folder / f"rl_model_vecnormalize_{name}_steps.pkl") for name in names]
+    for call, name in zip(calls, names, strict=True):
+        start = (call - 1) // 512  # the rollout the callback saved in
+        with zipfile.ZipFile(folder / f"rl_model_{name}_steps.zip") as archive:
+            assert json.loads(archive.read("data"))["num_timesteps"] == start * rollout
+        # rank 1's own statistics at that rollout's start: the agreed ones, independently of rank 0's view
+        agreed = rank1["rollout_starts"][start]
+        with open(folder / f"rl_model_vecnormalize_{name}_steps.pkl", "rb") as file:
+            saved = pickle.load(file)
+        for key in ("obs_rms", "ret_rms"):
+            np.testing.assert_allclose(raw_moments(getattr(saved, key)), agreed[key], rtol=1e-6)
+        assert saved.obs_rms.count == pytest.approx(start * rollout + 4, abs=1e-3)  # both ranks' samples and resets
+    # the latest resumes from its rollout's start: its parameters, statistics and count go together
+    model = load_latest_checkpoint(folder, make_vec_env("CartPole-v1", n_envs=2))
+    assert model is not None
+    assert model.num_timesteps == 4 * rollout
+    assert th.equal(flat_parameters(model), rank1["rollout_starts"][4]["parameters"])
+    np.testing.assert_allclose(raw_moments(model.get_env().obs_rms), rank1["rollout_starts"][4]["obs_rms"], rtol=1e-6)
+
+
+def test_ranks_with_different_numbers_of_environments_are_refused(tmp_path):
+    # the same rollout size from 2 x 64 and 1 x 128 steps: seeds seed + rank * n_envs would overlap, and a rank's step
+    # would not be a step of all
+    launch("uneven", tmp_path)
+    for rank in load_ranks(tmp_path):
+        assert rank["message"] is not None
+        assert "Every rank must have the same n_steps and number of environments" in rank["message"]
+
+
 def test_two_ranks_with_half_the_data_take_the_single_process_update(tmp_path):
     n_steps = 64
     model = TRPO(
@@ -130,6 +172,9 @@ def test_two_ranks_with_half_the_data_take_the_single_process_update(tmp_path):
     logged = dict(model.logger.name_to_value)
     for key in ("train/step_size", "train/kl_divergence_loss", "train/surrogate_improvement", "train/value_loss"):
         assert rank0["logged"][key] == pytest.approx(logged[key], rel=1e-4), key
+    # the entropy of the global batch (rank-local entropies differ from it by about 2e-4 here)
+    assert rank0["logged"]["train/entropy"] == rank1["logged"]["train/entropy"]
+    assert rank0["logged"]["train/entropy"] == pytest.approx(logged["train/entropy"], rel=1e-6)
     th.testing.assert_close(rank0["final"], single, rtol=1e-4, atol=1e-5)
 
 
@@ -215,6 +260,9 @@ def test_recurrent_ranks_with_half_the_data_take_the_single_process_update(tmp_p
     logged = dict(model.logger.name_to_value)
     for key in ("train/step_size", "train/kl_divergence_loss", "train/surrogate_improvement", "train/value_loss"):
         assert rank0["logged"][key] == pytest.approx(logged[key], rel=1e-4), key
+    # the entropy of the global batch (rank-local entropies differ from it by about 2e-4 here)
+    assert rank0["logged"]["train/entropy"] == rank1["logged"]["train/entropy"]
+    assert rank0["logged"]["train/entropy"] == pytest.approx(logged["train/entropy"], rel=1e-6)
     th.testing.assert_close(rank0["final"], single, rtol=1e-4, atol=1e-5)
 
 

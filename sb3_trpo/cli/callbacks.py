@@ -3,12 +3,10 @@ run on several processes, and its TensorBoard output when it resumes."""
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 from stable_baselines3.common import callbacks as sb3_callbacks
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback, ProgressBarCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
-from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -49,21 +47,12 @@ class TextProgress(BaseCallback):
 
 
 class RunEvaluation(EvalCallback):
-    """SB3's ``EvalCallback`` recording the timesteps of all processes of a data-parallel run.
-
-    During a rollout, ``num_timesteps`` counts the samples collected so far by this process only (the global count
-    is agreed after the rollout), but every process takes the same number of steps per rollout: the global count
-    at this process's step ``k`` of a rollout is its start plus ``world_size`` times this process's samples.
+    """SB3's ``EvalCallback`` for the one evaluation environment of a run (in a data-parallel run, rank 0's, which
+    records the global timesteps: TRPO shows its callbacks the samples of all processes).
 
     :param eval_env: the evaluation environment
-    :param world_size: number of processes (1: SB3's ``EvalCallback`` unchanged)
     :param kwargs: ``EvalCallback``'s other arguments
     """
-
-    def __init__(self, eval_env: VecEnv, world_size: int, **kwargs: Any) -> None:
-        super().__init__(eval_env, **kwargs)
-        self.world_size = world_size
-        self._rollout_start = 0
 
     def _init_callback(self) -> None:
         with warnings.catch_warnings():
@@ -71,13 +60,6 @@ class RunEvaluation(EvalCallback):
             # subprocess would only add its round trip): SB3 warns that the types differ, which is harmless
             warnings.filterwarnings("ignore", message="Training and eval env are not of the same type")
             super()._init_callback()
-
-    def _on_rollout_start(self) -> None:
-        self._rollout_start = self.model.num_timesteps
-
-    def _on_step(self) -> bool:
-        self.num_timesteps = self._rollout_start + self.world_size * (self.model.num_timesteps - self._rollout_start)
-        return super()._on_step()
 
 
 class RunProgressBar(ProgressBarCallback):

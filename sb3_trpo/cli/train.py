@@ -270,7 +270,6 @@ def _callbacks(
         assert eval_env is not None
         evaluation = RunEvaluation(
             eval_env,
-            world_size,
             n_eval_episodes=int(config["eval_episodes"]),
             eval_freq=max(int(config["eval_freq"]) // n_envs, 1),  # counted in calls, one call = n_envs steps
             best_model_save_path=str(output),
