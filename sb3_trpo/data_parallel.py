@@ -32,7 +32,7 @@ from sb3_trpo.distributed import (
     GlobalProgressBarCallback,
     Replica,
     broadcast_running_stats,
-    gpu_for_process,
+    cuda_device_for_process,
     join_process_group,
     launched_by_torchrun,
     local_rank,
@@ -64,15 +64,12 @@ class DataParallelAlgorithm(OnPolicyAlgorithm):
         # `distributed` may come from load()'s keyword arguments, which skip the constructor's checks
         check_arguments({"distributed": self.distributed})
         backend = None
-        if (
-            self.distributed is not False
-            and self.device.type == "cuda"
-            and self.device.index is None
-            and launched_by_torchrun()
-        ):
+        if self.distributed is not False and self.device.type == "cuda" and launched_by_torchrun():
             # the processes of a machine spread over its GPUs; with more processes than GPUs they share them
-            self.device, backend = gpu_for_process(local_rank(), local_world_size(), th.cuda.device_count())
-            if backend != "nccl":
+            self.device, backend = cuda_device_for_process(
+                self.device, local_rank(), local_world_size(), th.cuda.device_count()
+            )
+            if backend == "gloo":
                 warnings.warn(
                     f"{local_world_size()} processes share {th.cuda.device_count()} GPU(s) on this machine, so the "
                     f"process group uses {backend} (nccl allows one process per GPU), which is slower. Launch with "

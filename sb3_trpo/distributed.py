@@ -71,6 +71,33 @@ def gpu_for_process(rank_on_machine: int, processes_on_machine: int, gpus_on_mac
     return th.device("cuda", rank_on_machine % gpus_on_machine), backend
 
 
+def cuda_device_for_process(
+    requested: th.device, rank_on_machine: int, processes_on_machine: int, gpus_on_machine: int
+) -> tuple[th.device, str | None]:
+    """The CUDA device of a process torchrun launched, and its process-group backend (``None``: the device's default).
+
+    A plain ``"cuda"`` spreads the machine's processes over its GPUs (:func:`gpu_for_process`). A device with an
+    index names one GPU, which every process of the machine would take, and nccl refuses two ranks on one GPU: it is
+    kept for a single process per machine and refused otherwise.
+
+    :param requested: the CUDA device asked for
+    :param rank_on_machine: this process's rank on its machine (torchrun's ``LOCAL_RANK``)
+    :param processes_on_machine: processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``)
+    :param gpus_on_machine: CUDA devices visible to this process (``torch.cuda.device_count()``)
+    :raises ValueError: for an indexed device shared by several processes of the machine
+    :raises RuntimeError: if no GPU is visible (see :func:`gpu_for_process`)
+    """
+    if requested.index is None:
+        return gpu_for_process(rank_on_machine, processes_on_machine, gpus_on_machine)
+    if processes_on_machine > 1:
+        raise ValueError(
+            f'device="{requested}" names one GPU, which all {processes_on_machine} processes torchrun started on this '
+            'machine would take (nccl refuses two processes on one GPU): pass device="cuda" (or "auto"), and each '
+            "process takes GPU LOCAL_RANK % device count, or launch one process per machine."
+        )
+    return requested, None
+
+
 def join_process_group(distributed: Distributed, device: th.device, backend: str | None = None) -> "Replica":
     """The data-parallel context of this process, initializing the default process group if needed.
 

@@ -14,7 +14,14 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import Logger
 
 from sb3_trpo import TRPO, load_latest_checkpoint
-from sb3_trpo.distributed import LAUNCHER_VARIABLES, Replica, gpu_for_process, raw_moments, set_from_raw_moments
+from sb3_trpo.distributed import (
+    LAUNCHER_VARIABLES,
+    Replica,
+    cuda_device_for_process,
+    gpu_for_process,
+    raw_moments,
+    set_from_raw_moments,
+)
 from tests.distributed_worker import BUFFER_FIELDS, CHECKPOINT_FREQ, TRAIN_TIMESTEPS, flat_parameters
 from tests.helpers import launch_two_nodes, launcher_environment
 
@@ -344,6 +351,24 @@ def test_processes_spread_over_the_gpus_and_share_them_over_gloo(local_rank, pro
     assert gpu_for_process(local_rank, processes, gpus) == (th.device(device), backend)
 
 
+@pytest.mark.parametrize(
+    ("requested", "local_rank", "processes", "gpus", "device", "backend"),
+    [
+        ("cuda", 1, 2, 2, "cuda:1", "nccl"),  # spread over the GPUs
+        ("cuda:1", 0, 1, 2, "cuda:1", None),  # one process on the machine: the GPU it names
+        ("cuda:0", 1, 2, 2, None, None),  # two processes would both take cuda:0: refused
+        ("cuda:1", 0, 4, 8, None, None),
+    ],
+)
+def test_the_device_each_rank_takes(requested, local_rank, processes, gpus, device, backend):
+    if device is None:
+        with pytest.raises(ValueError, match=rf'device="{requested}" names one GPU, which all {processes} processes'):
+            cuda_device_for_process(th.device(requested), local_rank, processes, gpus)
+    else:
+        chosen = cuda_device_for_process(th.device(requested), local_rank, processes, gpus)
+        assert chosen == (th.device(device), backend)
+
+
 def test_a_process_that_sees_no_gpu_is_told_what_to_pass():
     with pytest.raises(RuntimeError, match=r'sees no CUDA device: pass device="cpu"'):
         gpu_for_process(0, 2, 0)
@@ -353,7 +378,7 @@ class _GroupJoinedError(Exception):
     """Raised by the fake process-group set-up, to stop before anything is put on the (absent) GPU."""
 
 
-def test_two_processes_on_a_machine_with_one_gpu_share_it(monkeypatch):
+def test_two_processes_on_a_machine_with_one_gpu_share_it_and_may_not_both_name_it(monkeypatch):
     import sb3_trpo.data_parallel
 
     launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
@@ -372,3 +397,14 @@ def test_two_processes_on_a_machine_with_one_gpu_share_it(monkeypatch):
     with pytest.warns(UserWarning, match=r"2 processes share 1 GPU\(s\).*gloo"), pytest.raises(_GroupJoinedError):
         TRPO("MlpPolicy", "CartPole-v1", device="cuda", distributed=True)
     assert chosen == [th.device("cuda", 0), (th.device("cuda", 0), "gloo")]  # cuda:1 does not exist here
+    chosen.clear()
+    # an indexed GPU would be taken by both processes of the machine: refused before anything joins or moves
+    with pytest.raises(ValueError, match=r'device="cuda:0" names one GPU.*pass device="cuda"'):
+        TRPO("MlpPolicy", "CartPole-v1", device="cuda:0", distributed=True)
+    assert chosen == []
+    from sb3_trpo.cli import parallel
+    from sb3_trpo.cli.presets import CliError
+
+    with pytest.raises(CliError, match=r'--device cuda:0: device="cuda:0" names one GPU'):
+        parallel.device_for_process("cuda:0")
+    assert chosen == []

@@ -19,7 +19,7 @@ from torch import distributed as dist
 from sb3_trpo.cli.presets import CliError
 from sb3_trpo.distributed import (
     Replica,
-    gpu_for_process,
+    cuda_device_for_process,
     join_process_group,
     launched_by_torchrun,
     local_rank,
@@ -42,8 +42,11 @@ def device_for_process(requested: str) -> tuple[th.device, str | None]:
         device = get_device(requested)
     except RuntimeError as error:
         raise CliError(f"--device {requested}: {error}") from None
-    if device.type == "cuda" and device.index is None and launched_by_torchrun():
-        device, backend = gpu_for_process(local_rank(), local_world_size(), th.cuda.device_count())
+    if device.type == "cuda" and launched_by_torchrun():
+        try:
+            device, backend = cuda_device_for_process(device, local_rank(), local_world_size(), th.cuda.device_count())
+        except ValueError as error:
+            raise CliError(f"--device {requested}: {error}") from None
         th.cuda.set_device(device)
         return device, backend
     return device, None
