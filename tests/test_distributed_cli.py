@@ -122,6 +122,20 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoi
     assert checkpointing.latest_checkpoint(output) == output / "checkpoints" / str(BUDGET)
 
 
+def test_a_worker_killed_after_the_last_checkpoint_does_not_fail_the_finished_run(tmp_path):
+    # rank 0 killed as it saves the final model: the restarted workers find the budget trained and finish the run
+    output = tmp_path / "run"
+    doom = {"DOOMED_MARKER": str(tmp_path / "killed"), "DOOMED_RANK": "0", "DOOMED_FINAL_SAVE": "1"}
+    result = torchrun("train", DOOMED, "--output", str(output), *RUN, env=doom, restarts=1)
+    log = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, log
+    assert (tmp_path / "killed").is_file()
+    assert "finished training: writing its final model" in result.stdout, log
+    with zipfile.ZipFile(output / MODEL) as archive:
+        assert json.loads(archive.read("data"))["num_timesteps"] == BUDGET
+    assert list(np.load(output / EVALUATIONS)["timesteps"]) == list(range(64, BUDGET + 1, 64))
+
+
 def test_max_restarts_needs_an_output_folder(tmp_path):
     result = torchrun("train", DOOMED, *RUN, env={}, restarts=1)
     assert result.returncode != 0

@@ -295,6 +295,29 @@ def test_a_run_killed_by_sigkill_resumes_from_the_command_line(tmp_path, kill):
     assert evaluated.returncode == 0, evaluated.stderr
 
 
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path):
+    # killed as it saved its final model: the budget is trained, the last checkpoint holds it, model.zip is missing
+    output = tmp_path / "run"
+    doom = {"DOOMED_MARKER": str(tmp_path / "killed"), "DOOMED_FINAL_SAVE": "1"}
+    killed = _cli("train", DOOMED, "--output", str(output), *RUN, "--no-progress-bar", env=doom)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpointing.latest_checkpoint(output) == output / "checkpoints" / str(BUDGET)
+    assert not (output / MODEL).exists()
+    resumed = _cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finished training: writing its final model" in resumed.stdout
+    with zipfile.ZipFile(output / MODEL) as archive:
+        assert json.loads(archive.read("data"))["num_timesteps"] == BUDGET
+    final, checkpoint = TRPO.load(output / MODEL), TRPO.load(output / "checkpoints" / str(BUDGET) / MODEL)
+    for a, b in zip(final.policy.state_dict().values(), checkpoint.policy.state_dict().values(), strict=True):
+        assert th.equal(a, b)
+    assert list(np.load(output / EVALUATIONS)["timesteps"]) == EXPECTED_EVALUATIONS
+    # a finished run with its final model is not resumed without a larger budget
+    again = _cli("train", "--resume", str(output), "--no-progress-bar")
+    assert again.returncode == 2
+    assert "pass --timesteps N with N > 640" in again.stderr
+
+
 # ---- library scripts: SB3's CheckpointCallback and load_latest_checkpoint --------------------------------------
 
 

@@ -166,7 +166,11 @@ def _resume_plan(args: argparse.Namespace, run_dir: Path, world_size: int, elast
     state = checkpointing.read_state(checkpoint)
     done = int(state["timesteps"])
     timesteps = args.timesteps if args.timesteps is not None else int(config["timesteps"])
-    if timesteps <= done:
+    # a run killed after its last checkpoint (while it saved its final model or printed its summary) is finished by
+    # writing them from the checkpoint: what a restarted worker does, and --resume where the final files are missing
+    final_files = [runs.MODEL, *([runs.VEC_NORMALIZE] if recorded.normalize else [])]
+    unfinished = elastic or not all((run_dir / name).is_file() for name in final_files)
+    if timesteps < done or (timesteps == done and not unfinished):
         raise CliError(
             f"--resume {run_dir}: the run has trained {done:,} timesteps, its budget is {timesteps:,}: pass "
             f"--timesteps N with N > {done:,} to train it further."

@@ -204,12 +204,15 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
         callbacks = _callbacks(plan, args, model, eval_env, world_size)
 
     begun = time.perf_counter()
-    model.learn(
-        timesteps - start,
-        callback=CallbackList(callbacks),
-        tb_log_name=algorithm.__name__,
-        reset_num_timesteps=resume is None,
-    )
+    if start < timesteps:
+        model.learn(
+            timesteps - start,
+            callback=CallbackList(callbacks),
+            tb_log_name=algorithm.__name__,
+            reset_num_timesteps=resume is None,
+        )
+    elif main:  # killed after its last checkpoint, which holds the trained model (see plan._resume_plan)
+        print(f"The run finished training: writing its final model from the checkpoint at {start:,} timesteps")
     wall = time.perf_counter() - begun
     if not main:
         return

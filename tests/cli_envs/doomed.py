@@ -7,6 +7,7 @@ resumed process runs on):
 - ``DOOMED_MARKER``: the marker file (required; nothing is killed without it);
 - ``DOOMED_STEP``: kill at this step of this process's environments (counted over all of them, evaluation ones too);
 - ``DOOMED_UPDATE``: kill at the start of this process's update number N (1-based), i.e. during ``train()``;
+- ``DOOMED_FINAL_SAVE``: kill as the run's final ``model.zip`` is saved, after training and its last checkpoint;
 - ``DOOMED_RANK``: only in the data-parallel process of this rank (default: any process).
 """
 
@@ -60,6 +61,17 @@ def _doomed_train(self: TRPO) -> None:
 
 
 TRPO.train = _doomed_train  # type: ignore[method-assign]
+_save = TRPO.save
+
+
+def _doomed_save(self: TRPO, path: Any, *args: Any, **kwargs: Any) -> None:
+    final = isinstance(path, (str, os.PathLike)) and Path(path).name == "model.zip" and "checkpoints" not in Path(path).parts
+    if "DOOMED_FINAL_SAVE" in os.environ and final and _doomed():
+        _die()
+    _save(self, path, *args, **kwargs)
+
+
+TRPO.save = _doomed_save  # type: ignore[method-assign]
 gym.register(id=ENV_ID, entry_point=DoomedEnv, max_episode_steps=EPISODE_STEPS)
 
 
