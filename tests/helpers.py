@@ -166,3 +166,16 @@ def launch_two_nodes(command: list[str], env: dict[str, str], cwd: str, timeout:
         stdout, stderr = launch.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr))
     return results
+
+
+def without_embedded_statistics(model_file: "os.PathLike[str] | str") -> None:
+    """Rewrite a run's model file as runs made before the models carried their VecNormalize statistics inside."""
+    import zipfile
+
+    from sb3_trpo.cli.runs import STATISTICS_MEMBER
+
+    with zipfile.ZipFile(model_file) as archive:
+        members = {name: archive.read(name) for name in archive.namelist() if name != STATISTICS_MEMBER}
+    with zipfile.ZipFile(model_file, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)

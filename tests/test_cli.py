@@ -16,9 +16,10 @@ import torch as th
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo import TRPO
-from sb3_trpo.cli import main
+from sb3_trpo.cli import main, runs
 from sb3_trpo.cli.presets import DEFAULT, CliError, algorithm_for, apply_overrides, load_presets, model_kwargs, preset_for
 from sb3_trpo.cli.runs import BEST_MODEL, BEST_VEC_NORMALIZE, CONFIG, EVALUATIONS, MODEL, VEC_NORMALIZE
+from tests.helpers import without_embedded_statistics
 
 SHORT = ["--timesteps", "2048", "--eval-freq", "1024", "--eval-episodes", "2", "--seed", "0", "--no-progress-bar"]
 SMALL = ["--hyperparams", "n_steps=256", "batch_size=128", "n_critic_updates=2"]
@@ -122,10 +123,26 @@ def test_eval_best_uses_the_statistics_saved_with_the_best_model(acrobot_run, mo
     np.testing.assert_array_equal(env.obs_rms.mean, best.obs_rms.mean)
 
 
+def test_the_model_files_carry_their_statistics_and_eval_prefers_them(acrobot_run, tmp_path, monkeypatch):
+    # a kill after a new best model was written but before its statistics: the .pkl beside it is another moment's
+    torn = tmp_path / "torn"
+    shutil.copytree(acrobot_run, torn)
+    shutil.copyfile(torn / VEC_NORMALIZE, torn / BEST_VEC_NORMALIZE)
+    best, final = _statistics(acrobot_run / BEST_VEC_NORMALIZE), _statistics(acrobot_run / VEC_NORMALIZE)
+    for model_file, statistics in ((BEST_MODEL, best), (MODEL, final)):
+        carried = pickle.loads(runs.embedded_statistics(torn / model_file))
+        np.testing.assert_array_equal(carried.obs_rms.mean, statistics.obs_rms.mean)
+        assert carried.obs_rms.count == statistics.obs_rms.count
+    env = _evaluated_env(monkeypatch, [str(torn), "--best", "--episodes", "2"])
+    np.testing.assert_array_equal(env.obs_rms.mean, best.obs_rms.mean)  # the best model's, not the .pkl's
+    TRPO.load(torn / BEST_MODEL)  # still an ordinary SB3 model file
+
+
 def test_eval_best_of_a_normalized_run_without_best_statistics_is_refused(acrobot_run, tmp_path, capsys):
     old_run = tmp_path / "old"
     shutil.copytree(acrobot_run, old_run)
     (old_run / BEST_VEC_NORMALIZE).unlink()  # as runs made before the best model's statistics were saved
+    without_embedded_statistics(old_run / BEST_MODEL)
     assert main(["eval", str(old_run), "--best", "--episodes", "2"]) == 2
     message = capsys.readouterr().err
     assert BEST_VEC_NORMALIZE in message

@@ -9,6 +9,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo.cli import main
 from sb3_trpo.cli.runs import BEST_MODEL, BEST_VEC_NORMALIZE, CONFIG, EVALUATIONS, MODEL, VEC_NORMALIZE
+from tests.helpers import without_embedded_statistics
 
 ENV = "tests.cli_envs.tiny:CliTiny-v0"  # instant episodes of 8 steps
 TINY = [
@@ -120,6 +121,8 @@ def test_eval_refuses_a_normalized_run_without_its_statistics(best, missing, nor
     shutil.copytree(normalized_run, folder)
     for name in (VEC_NORMALIZE, BEST_VEC_NORMALIZE):
         (folder / name).unlink()
+    for name in (MODEL, BEST_MODEL):  # as runs made before the models carried their statistics inside
+        without_embedded_statistics(folder / name)
     assert main(["eval", str(folder), "--episodes", "1", *(["--best"] if best else [])]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err

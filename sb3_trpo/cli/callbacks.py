@@ -9,24 +9,28 @@ from stable_baselines3.common.callbacks import BaseCallback, EvalCallback, Progr
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 from torch.utils.tensorboard import SummaryWriter
 
+from sb3_trpo.cli import runs
 
-class SaveVecNormalize(BaseCallback):
-    """Save the training environment's VecNormalize statistics; run by ``EvalCallback`` at each new best model.
+
+class SaveBestModel(BaseCallback):
+    """Save the best model, with the training environment's VecNormalize statistics inside it and beside it; run by
+    ``EvalCallback`` at each new best model.
 
     ``EvalCallback`` evaluates with the training statistics synchronized into the evaluation environment, so the
     statistics saved at that moment are the ones that go with the best model, not those at the end of training.
 
-    :param path: file the statistics are written to
+    :param run_dir: the run folder (``best_model.zip``, ``best_vecnormalize.pkl``)
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, run_dir: Path) -> None:
         super().__init__()
-        self.path = path
+        self.run_dir = run_dir
 
     def _on_step(self) -> bool:
         vec_normalize = self.model.get_vec_normalize_env()
+        runs.save_model(self.model, self.run_dir / runs.BEST_MODEL, vec_normalize)
         if vec_normalize is not None:
-            vec_normalize.save(str(self.path))
+            runs.save_statistics(vec_normalize, self.run_dir / runs.BEST_VEC_NORMALIZE)
         return True
 
 

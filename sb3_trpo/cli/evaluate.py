@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         env.close()
         env = _video_env(env_id, args.seed, args.video, args.episodes, env_kwargs)
     if statistics is not None:  # the model was trained on normalized observations: evaluate with the same statistics
-        env = _normalized_env(statistics, env, env_id)
+        env = _normalized_env(statistics, env, env_id, model_file)
     returns, lengths = evaluate_policy(
         model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic, return_episode_rewards=True
     )
@@ -150,14 +150,17 @@ def _normalized(config: dict[str, Any], run_folder: Path) -> bool | None:
     return normalized
 
 
-def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None) -> tuple[Path | None, str | None]:
-    """:return: the VecNormalize statistics the model was trained and selected with (``None`` if not normalized),
-        and a note for the user when a statistics file is in the folder but not applied
+def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None) -> tuple[Path | bytes | None, str | None]:
+    """:return: the VecNormalize statistics the model was trained and selected with (a file, or the pickled statistics
+        the model file carries; ``None`` if not normalized), and a note for the user when a statistics file is in the
+        folder but not applied
 
-    The best model goes with the statistics saved when it was selected; the final model with those at the end.
-    ``config.json``'s ``normalize`` decides whether there must be statistics: a run folder reused before ``train``
-    refused it can hold another run's. Without it (a model file on its own), the statistics beside the model are
-    used if there are any.
+    The best model goes with the statistics saved when it was selected; the final model with those at the end. A
+    run's model file carries them inside (:data:`~sb3_trpo.cli.runs.STATISTICS_MEMBER`), which always go with it:
+    those are used first (a kill between writing a model and the ``.pkl`` beside it can leave the file of the model
+    before). Otherwise ``config.json``'s ``normalize`` decides whether there must be statistics: a run folder reused
+    before ``train`` refused it can hold another run's. Without it (a model file on its own), the statistics beside
+    the model are used if there are any.
 
     :param model_file: the evaluated model
     :param run_folder: the folder of its run
@@ -166,6 +169,9 @@ def _statistics_for(model_file: Path, run_folder: Path, normalized: bool | None)
         has only the final statistics (runs made before they were saved), which would normalize its observations
         differently from how it was trained
     """
+    embedded = runs.embedded_statistics(model_file)
+    if embedded is not None:
+        return embedded, None
     final = run_folder / runs.VEC_NORMALIZE
     best = run_folder / runs.BEST_VEC_NORMALIZE
     wanted = best if model_file.name == runs.BEST_MODEL else final
@@ -206,15 +212,21 @@ def _video_env(env_id: str, seed: int, video: Path, episodes: int, env_kwargs: d
     )
 
 
-def _normalized_env(statistics: Path, env: VecEnv, env_id: str) -> VecNormalize:
+def _normalized_env(statistics: Path | bytes, env: VecEnv, env_id: str, model_file: Path) -> VecNormalize:
     """:return: ``env`` normalized with the run's statistics, frozen, and with the true rewards
 
+    :param statistics: a statistics file, or the pickled statistics ``model_file`` carries
     :raises CliError: for statistics that cannot be read or are not of ``env``'s observations
     """
     try:
-        normalized = VecNormalize.load(str(statistics), env)
+        if isinstance(statistics, bytes):
+            normalized = pickle.loads(statistics)
+            normalized.set_venv(env)
+        else:
+            normalized = VecNormalize.load(str(statistics), env)
     except (AssertionError, ValueError, EOFError, pickle.UnpicklingError) as error:
         env.close()
-        raise CliError(f"{statistics} cannot normalize {env_id}'s observations ({error}).") from None
+        source = f"the statistics inside {model_file}" if isinstance(statistics, bytes) else str(statistics)
+        raise CliError(f"{source} cannot normalize {env_id}'s observations ({error}).") from None
     normalized.training, normalized.norm_reward = False, False
     return normalized

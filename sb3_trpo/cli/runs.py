@@ -2,8 +2,10 @@
 
 import argparse
 import importlib
+import io
 import json
 import os
+import pickle
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -12,10 +14,12 @@ from typing import Any
 
 import gymnasium as gym
 from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
 from sb3_trpo.cli.presets import RECURRENT_POLICIES, CliError, algorithm_for
+from sb3_trpo.model_files import save_atomically
 from sb3_trpo.trpo import TRPO
 
 CONFIG = "config.json"  # environment, seed, run settings and hyperparameters of the run
@@ -30,6 +34,45 @@ SEED_RANGE = range(2**32)
 RUN_FILES = (CONFIG, MODEL, BEST_MODEL, VEC_NORMALIZE, BEST_VEC_NORMALIZE, EVALUATIONS)
 #: the folders `train` writes into a run folder (its checkpoints), removed by --overwrite too
 RUN_FOLDERS = ("checkpoints",)
+#: the member of a run's model.zip and best_model.zip holding the VecNormalize statistics that go with the model (SB3
+#: reads only "data" and the .pth members, so the file loads everywhere as an ordinary model)
+STATISTICS_MEMBER = "sb3_trpo_vecnormalize.pkl"
+
+
+def save_model(model: BaseAlgorithm, path: Path, vec_normalize: VecNormalize | None) -> None:
+    """Save a run's model with the statistics it goes with inside (see :data:`STATISTICS_MEMBER`), in one atomic write:
+    a kill between writing the model and its ``.pkl`` beside it can then never pair the model with another model's
+    statistics, since the model file carries its own.
+
+    :param model: the model
+    :param path: the model file
+    :param vec_normalize: the training environment's statistics (``None``: not normalized)
+    """
+    buffer = io.BytesIO()
+    model.save(buffer)
+    if vec_normalize is not None:
+        with zipfile.ZipFile(buffer, "a") as archive:
+            archive.writestr(STATISTICS_MEMBER, pickle.dumps(vec_normalize))
+
+    def write(file: io.BufferedWriter) -> None:
+        file.write(buffer.getvalue())
+
+    save_atomically(path, write)
+
+
+def save_statistics(vec_normalize: VecNormalize, path: Path) -> None:
+    """``VecNormalize.save``, atomically (SB3 writes the file in place, which a kill leaves truncated)."""
+    save_atomically(path, lambda file: pickle.dump(vec_normalize, file))
+
+
+def embedded_statistics(model_file: Path) -> bytes | None:
+    """:return: the pickled VecNormalize statistics a run's model file carries (``None``: none, e.g. a model saved
+    before they were embedded, by a library script, or of a run without normalization)"""
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            return archive.read(STATISTICS_MEMBER) if STATISTICS_MEMBER in archive.namelist() else None
+    except (OSError, zipfile.BadZipFile):
+        return None  # TRPO.load says what is wrong with the file
 
 
 def files_of_a_run(folder: Path) -> list[str]:

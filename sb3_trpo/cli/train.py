@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 
 from sb3_trpo.cli import checkpointing, parallel, runs
 from sb3_trpo.cli import plan as plan_module
-from sb3_trpo.cli.callbacks import ResumedTensorBoard, RunEvaluation, RunProgressBar, SaveVecNormalize, TextProgress
+from sb3_trpo.cli.callbacks import ResumedTensorBoard, RunEvaluation, RunProgressBar, SaveBestModel, TextProgress
 from sb3_trpo.cli.plan import (
     BATCH_SIZE_DEFAULT,
     DEFAULT_EVAL_EPISODES,
@@ -216,9 +216,10 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
     wall = time.perf_counter() - begun
     if not main:
         return
-    model.save(output / runs.MODEL)
-    if isinstance(env, VecNormalize):
-        env.save(str(output / runs.VEC_NORMALIZE))
+    vec_normalize = env if isinstance(env, VecNormalize) else None
+    runs.save_model(model, output / runs.MODEL, vec_normalize)
+    if vec_normalize is not None:
+        runs.save_statistics(vec_normalize, output / runs.VEC_NORMALIZE)
     assert eval_env is not None
     _summary(model, eval_env, output, wall, start)
 
@@ -275,9 +276,9 @@ def _callbacks(
             eval_env,
             n_eval_episodes=int(config["eval_episodes"]),
             eval_freq=max(int(config["eval_freq"]) // n_envs, 1),  # counted in calls, one call = n_envs steps
-            best_model_save_path=str(output),
-            # the statistics the best model was evaluated with, saved beside it (a later best overwrites both)
-            callback_on_new_best=SaveVecNormalize(output / runs.BEST_VEC_NORMALIZE) if plan.settings.normalize else None,
+            # the best model with the statistics it was evaluated with, inside it and beside it (a later best
+            # overwrites both)
+            callback_on_new_best=SaveBestModel(output),
             log_path=str(output),
             deterministic=True,
             verbose=0,

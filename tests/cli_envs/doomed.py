@@ -20,6 +20,7 @@ import gymnasium as gym
 import torch as th
 
 from sb3_trpo import TRPO
+from sb3_trpo.cli import runs
 from tests.cli_envs.tiny import EPISODE_STEPS, TinyEnv
 
 ENV_ID = "CliDoomed-v0"
@@ -61,17 +62,16 @@ def _doomed_train(self: TRPO) -> None:
 
 
 TRPO.train = _doomed_train  # type: ignore[method-assign]
-_save = TRPO.save
+_save_model = runs.save_model
 
 
-def _doomed_save(self: TRPO, path: Any, *args: Any, **kwargs: Any) -> None:
-    final = isinstance(path, (str, os.PathLike)) and Path(path).name == "model.zip" and "checkpoints" not in Path(path).parts
-    if "DOOMED_FINAL_SAVE" in os.environ and final and _doomed():
+def _doomed_save_model(model: Any, path: Path, *args: Any, **kwargs: Any) -> None:
+    if "DOOMED_FINAL_SAVE" in os.environ and path.name == runs.MODEL and _doomed():
         _die()
-    _save(self, path, *args, **kwargs)
+    _save_model(model, path, *args, **kwargs)
 
 
-TRPO.save = _doomed_save  # type: ignore[method-assign]
+runs.save_model = _doomed_save_model
 gym.register(id=ENV_ID, entry_point=DoomedEnv, max_episode_steps=EPISODE_STEPS)
 
 
