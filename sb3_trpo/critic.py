@@ -18,20 +18,10 @@ from torch.nn import functional as F
 
 from sb3_trpo.distributed import Replica
 from sb3_trpo.mlp import ACTIVATION_DERIVATIVES, linear_layers, methods_replaced_on_instances
+from sb3_trpo.observations import index_obs
 
 #: device types on which ``torch.optim.Adam(fused=True)`` runs (the critic's default optimizer uses it there)
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
-
-
-def index_obs(obs: PyTorchObs, idx: slice | th.Tensor) -> PyTorchObs:
-    """Select states from a batch of observations (a tensor, or a dict of tensors).
-
-    :param obs: batch of observations
-    :param idx: slice or index tensor along the batch dimension
-    """
-    if isinstance(obs, dict):
-        return {key: value[idx] for key, value in obs.items()}
-    return obs[idx]
 
 
 def critic_parameters(policy: th.nn.Module, actor_ids: set[int]) -> list[th.nn.Parameter]:

@@ -1,4 +1,4 @@
-"""Model files that are never half-written and never half-read, and the latest checkpoint of a killed run.
+"""Model files that are never half-written and never half-read.
 
 SB3 writes a model straight into its final path, so a crash or Ctrl-C during ``save`` leaves a truncated file
 where the previous good checkpoint was; and a damaged file fails deep inside ``zipfile``, ``torch.load`` or
@@ -6,22 +6,13 @@ where the previous good checkpoint was; and a damaged file fails deep inside ``z
 target and renamed over it (an atomic replace), and a file is checked before SB3 reads it.
 """
 
-import glob
 import io
 import os
 import pathlib
-import pickle
-import re
 import stat
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from stable_baselines3.common.base_class import BaseAlgorithm
-    from stable_baselines3.common.vec_env import VecEnv
 
 # members every SB3 model archive has (see stable_baselines3.common.save_util.save_to_zip_file)
 REQUIRED_MEMBERS = ("data", "policy.pth")
@@ -103,66 +94,3 @@ def check_model_file(path: str | os.PathLike | io.BufferedIOBase) -> None:
             f"Cannot load a model from {name}: it is a zip archive but not a Stable-Baselines3 model "
             f"(it has no {', '.join(repr(m) for m in missing)} inside)."
         )
-
-
-def load_latest_checkpoint(
-    folder: str | os.PathLike,
-    env: "VecEnv | None" = None,
-    algorithm: "type[BaseAlgorithm] | None" = None,
-    name_prefix: str = "rl_model",
-    **load_kwargs: Any,
-) -> "BaseAlgorithm | None":
-    """Load the latest checkpoint SB3's ``CheckpointCallback`` wrote into ``folder``, with the VecNormalize statistics
-    saved with it (``save_vecnormalize=True``) wrapped around ``env``: the step a killed script resumes from.
-
-    A checkpoint whose model or statistics file is damaged or missing (a kill while SB3 wrote it: the callback
-    writes the model, then the statistics, each in place) is skipped with a warning, for the one before it.
-
-    :param folder: the callback's ``save_path``
-    :param env: the environment to train on, not wrapped in ``VecNormalize`` (the saved statistics are wrapped
-        around it when the checkpoints have them)
-    :param algorithm: the class that loads the model (default :class:`~sb3_trpo.TRPO`)
-    :param name_prefix: the callback's ``name_prefix``
-    :param load_kwargs: passed to ``algorithm.load`` (``device=...``, settings to override)
-    :return: the model, ``num_timesteps`` at its checkpoint, with ``env`` set (``None`` if ``folder`` has no
-        checkpoint yet: start a new model)
-    :raises ValueError: if every checkpoint is damaged, or the checkpoints have statistics but ``env`` is ``None``
-    """
-    from stable_baselines3.common.vec_env import VecNormalize
-
-    if algorithm is None:
-        from sb3_trpo.trpo import TRPO
-
-        algorithm = TRPO
-    root = pathlib.Path(folder)
-    pattern = re.compile(rf"{re.escape(name_prefix)}_(\d+)_steps\.zip")
-    found = [int(match.group(1)) for path in root.glob("*.zip") if (match := pattern.fullmatch(path.name))]
-    normalized = any(root.glob(f"{glob.escape(name_prefix)}_vecnormalize_*_steps.pkl"))
-    if normalized and env is None:
-        raise ValueError(
-            f"The checkpoints in {root} have VecNormalize statistics: pass the environment to train on (not wrapped in "
-            "VecNormalize), which the statistics are wrapped around."
-        )
-    skipped: list[str] = []
-    for steps in sorted(found, reverse=True):
-        model_path = root / f"{name_prefix}_{steps}_steps.zip"
-        try:
-            check_model_file(model_path)
-        except ValueError as error:
-            skipped.append(f"{model_path.name} ({error})")
-            continue
-        venv = env
-        if normalized:
-            assert env is not None
-            stats_path = root / f"{name_prefix}_vecnormalize_{steps}_steps.pkl"
-            try:
-                venv = VecNormalize.load(str(stats_path), env)
-            except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as error:
-                skipped.append(f"{stats_path.name} ({type(error).__name__}: {error})")
-                continue
-        if skipped:
-            warnings.warn(f"Skipped damaged or incomplete checkpoints: {'; '.join(skipped)}.", stacklevel=2)
-        return algorithm.load(model_path, env=venv, **load_kwargs)
-    if skipped:
-        raise ValueError(f"Every checkpoint in {root} is damaged or incomplete: {'; '.join(skipped)}.")
-    return None

@@ -18,10 +18,10 @@ import torch as th
 from stable_baselines3.common.type_aliases import PyTorchObs
 
 from sb3_trpo.actor import ActorView, PolicyEvaluation, RecurrentContext, mlp_fisher_product
-from sb3_trpo.critic import index_obs
 from sb3_trpo.distributed import Replica
 from sb3_trpo.distributions import kl_divergence
 from sb3_trpo.fisher import FisherProduct, JacobianFisherProduct
+from sb3_trpo.observations import index_obs
 from sb3_trpo.solvers import Trial, backtracking_line_search, conjugate_gradient, max_step_size
 
 __all__ = ["Evaluator", "FeedForwardEvaluator", "PolicyStepResult", "StepSettings", "trust_region_step", "weighted_mean"]

@@ -24,7 +24,6 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo.actor import ActorView
-from sb3_trpo.checkpoints import check_model_file, resolve_save_path, save_atomically
 from sb3_trpo.collection import (
     NonFiniteRolloutError,
     explain_collection_failure,
@@ -37,7 +36,6 @@ from sb3_trpo.critic import (
     critic_parameters,
     fused_adam_available,
     gather_critic_data,
-    index_obs,
     regress_or_undo,
     regress_values,
     set_adam_kernel,
@@ -47,6 +45,8 @@ from sb3_trpo.data_parallel import DataParallelAlgorithm
 from sb3_trpo.distributed import Distributed, Replica
 from sb3_trpo.lean_forward import lean_collection_gap
 from sb3_trpo.metrics import record_update
+from sb3_trpo.model_files import check_model_file, resolve_save_path, save_atomically
+from sb3_trpo.observations import index_obs
 from sb3_trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo.policy_step import (
     FeedForwardEvaluator,
