@@ -3,8 +3,9 @@
 :class:`DataParallelAlgorithm` is the base of :class:`~sb3_trpo.TRPO`: SB3's ``OnPolicyAlgorithm`` with the
 orchestration that lets several processes (launched by torchrun) train one model. It joins the process group
 and picks each process's GPU, seeds every rank differently, makes the ranks agree after each rollout (global
-sample count, whether to go on, VecNormalize's statistics), starts ``learn()`` from rank 0's parameters and
-statistics, and leaves logging, the progress bar and saving to rank 0. The update's own reductions are in
+sample count, whether to go on, VecNormalize's statistics), shows the callbacks of a rollout the run as a whole
+(:class:`RolloutView`), starts ``learn()`` from rank 0's parameters and statistics, and leaves logging, the progress
+bar and saving to rank 0. The update's own reductions are in
 :mod:`sb3_trpo.distributed` and are called by the policy and critic steps. A single process has a world of size 1
 and every method here reduces to SB3's.
 """
