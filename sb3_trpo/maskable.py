@@ -32,7 +32,6 @@ try:
         MaskableMultiCategoricalDistribution,
     )
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
-    from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
     from sb3_contrib.ppo_mask import MaskablePPO
     from sb3_contrib.ppo_mask.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 except ImportError as error:  # pragma: no cover - exercised in a subprocess without sb3-contrib
@@ -46,6 +45,7 @@ from sb3_trpo.collection import lean_collect_rollouts
 from sb3_trpo.critic import register_standard_predict_values
 from sb3_trpo.distributions import DistributionParams, Family, register_distribution
 from sb3_trpo.lean_forward import lean_collection_gap, register_masked_distribution
+from sb3_trpo.masks import masks_of, with_action_masks
 from sb3_trpo.trpo import TRPO
 
 SelfMaskableTRPO = TypeVar("SelfMaskableTRPO", bound="MaskableTRPO")
@@ -85,11 +85,13 @@ class MaskableTRPO(TRPO):
     Trust Region Policy Optimization with invalid-action masking.
 
     The same algorithm, keywords, guarantees and logged values as :class:`~sb3_trpo.TRPO`, with
-    ``sb3_contrib.MaskablePPO``'s interface for masks: the environment exposes ``action_masks()`` (directly or
-    through ``sb3_contrib.common.wrappers.ActionMasker``), ``learn(..., use_masking=True)`` collects with them and
-    ``predict(obs, action_masks=...)`` acts with them. The policies are sb3-contrib's maskable ones
-    (``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a ``MaskableActorCriticPolicy`` subclass), for
-    Discrete, MultiDiscrete and MultiBinary actions.
+    ``sb3_contrib.MaskablePPO``'s interface for masks: ``learn(..., use_masking=True)`` collects with them and
+    ``predict(obs, action_masks=...)`` acts with them. The masks come from the first of these the environment offers
+    (:mod:`sb3_trpo.masks`): the vectorised environment's own ``action_masks()``, each environment's
+    ``action_masks()`` (directly or through ``sb3_contrib.common.wrappers.ActionMasker``), or ``info["action_mask"]``
+    of its steps and resets; a mask of the wrong size, or with no valid value in a sub-space, is refused. The
+    policies are sb3-contrib's maskable ones (``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a
+    ``MaskableActorCriticPolicy`` subclass), for Discrete, MultiDiscrete and MultiBinary actions.
 
     Each step's mask is stored in the rollout buffer, and the update uses the masked distributions throughout:
     a masked action has probability 0 under the old and the new policy, so it adds nothing to the surrogate, the
@@ -101,8 +103,8 @@ class MaskableTRPO(TRPO):
 
     :param policy: The policy model to use (``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"``, or a
         ``MaskableActorCriticPolicy`` subclass)
-    :param env: The environment to learn from (if registered in Gym, can be str); it must expose ``action_masks()``
-        to train with masks
+    :param env: The environment to learn from (if registered in Gym, can be str); it must offer masks to train with
+        them (see above)
     :param kwargs: the other arguments of :class:`~sb3_trpo.TRPO` (as keywords), with the same meaning and checks
     """
 
@@ -132,6 +134,12 @@ class MaskableTRPO(TRPO):
             if self.env is not None:
                 self._check_rollout_size()
             self._setup_model()
+
+    @staticmethod
+    def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
+        """SB3's wrapping into a ``VecEnv``, then :func:`~sb3_trpo.masks.with_action_masks`: masks are read from the
+        vectorised environment's ``action_masks()``, each environment's, or the infos of its steps and resets."""
+        return with_action_masks(TRPO._wrap_env(env, verbose, monitor_wrapper))
 
     def _setup_policy_and_buffer(self) -> None:
         """SB3's on-policy set-up with the maskable buffer and policy (which, unlike SB3's, takes no ``use_sde``)."""
@@ -171,9 +179,14 @@ class MaskableTRPO(TRPO):
     ) -> bool:
         """What sb3-contrib's masked loop collects (each step's masks from ``env.action_masks()``, stored in the
         buffer), by the lean loop: the same data, random numbers and callback locals."""
-        masks_of = get_action_masks if self._use_masking else None
         return lean_collect_rollouts(
-            self, env, callback, rollout_buffer, n_rollout_steps, maskable=True, action_masks_of=masks_of
+            self,
+            env,
+            callback,
+            rollout_buffer,
+            n_rollout_steps,
+            maskable=True,
+            action_masks_of=masks_of if self._use_masking else None,
         )
 
     def _general_collect_rollouts(
@@ -226,15 +239,11 @@ class MaskableTRPO(TRPO):
     ) -> SelfMaskableTRPO:
         """Train as :meth:`TRPO.learn <sb3_trpo.TRPO.learn>` does, with the environment's action masks.
 
-        :param use_masking: collect (and update) with the masks of ``env.action_masks()``; ``False`` ignores them
+        :param use_masking: collect (and update) with the environment's masks; ``False`` ignores them
         """
         if not isinstance(use_masking, (bool, np.bool_)):
             raise ValueError(f"use_masking={use_masking!r}: allowed values are True or False.")
-        if use_masking and self.env is not None and not is_masking_supported(self.env):
-            raise ValueError(
-                "use_masking=True, but the environment has no action_masks() method: give the environment one, wrap "
-                "it in sb3_contrib.common.wrappers.ActionMasker(env, mask_fn), or call learn(use_masking=False)."
-            )
+        # an environment without masks says so at the first step (sb3_trpo.masks.VecActionMasks)
         self._use_masking = bool(use_masking)
         return super().learn(
             total_timesteps=total_timesteps,

@@ -360,7 +360,7 @@ def test_learning_without_masks_needs_no_action_masks_method():
     from stable_baselines3.common.envs import IdentityEnv
 
     model = MaskableTRPO("MlpPolicy", IdentityEnv(dim=4), n_steps=64, batch_size=64, seed=0)
-    with pytest.raises(ValueError, match=r"no action_masks\(\) method.*ActionMasker"):
+    with pytest.raises(ValueError, match=r"No action masks for environment\(s\) \[0\].*ActionMasker.*use_masking=False"):
         model.learn(64)
     model.learn(128, use_masking=False)
     assert model.num_timesteps == 128
