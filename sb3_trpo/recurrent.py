@@ -2,8 +2,9 @@
 
 It follows ``sb3_contrib.RecurrentPPO``'s conventions and reuses its pieces: the recurrent policies
 (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``), the rollout buffers that store the LSTM states
-before each step and cut the rollout into padded sequences, and ``RecurrentPPO``'s collection loop. sb3-contrib is an
-optional dependency, imported by this module only (``pip install "sb3-trpo[recurrent]"``).
+before each step and cut the rollout into padded sequences. It collects as ``RecurrentPPO``'s loop does
+(:func:`recurrent_collect_rollouts`, tested bit for bit against it), with masks for the maskable recurrent class.
+sb3-contrib is an optional dependency, imported by this module only (``pip install "sb3-trpo[recurrent]"``).
 
 The policy step sees one set of sequences for everything: the buffer's ``get()`` cuts the rollout at a random
 point, so it is drawn once per update, and the surrogate, its gradient, every Fisher-vector product and every
@@ -15,9 +16,12 @@ and candidate sees the same network) and, on CUDA, without cuDNN (whose RNN kern
 """
 
 import contextlib
+import copy
 import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -25,10 +29,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs
+from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 try:
-    from sb3_contrib import RecurrentPPO
     from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
     from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
     from sb3_contrib.common.recurrent.type_aliases import RNNStates
@@ -113,6 +117,123 @@ class IntegerFeaturesDim:
         return extractor
 
 
+def recurrent_collect_rollouts(
+    model: "RecurrentTRPO",
+    env: VecEnv,
+    callback: BaseCallback,
+    rollout_buffer: RolloutBuffer,
+    n_rollout_steps: int,
+    action_masks_of: Callable[[VecEnv], np.ndarray] | None = None,
+) -> bool:
+    """The recurrent classes' collection: ``RecurrentPPO.collect_rollouts`` (the same data, LSTM states, random
+    numbers and callbacks, step for step), with invalid-action masks when ``action_masks_of`` is given.
+
+    Each step feeds the policy the observations, the LSTM states its previous step returned and the episode starts
+    (the policy resets the states of environments whose episode starts there), stores the states it started from
+    with the step, and with masks reads them before the step, samples among the valid actions and stores them too.
+
+    :param model: the algorithm (its policy, last observations, episode starts and LSTM states, counters, settings)
+    :param env: the training environment
+    :param callback: called at the rollout's start, at every step, and at its end
+    :param rollout_buffer: a recurrent buffer (a maskable one with masks)
+    :param n_rollout_steps: steps to collect per environment
+    :param action_masks_of: ``env -> masks of every environment`` (:func:`sb3_trpo.masks.masks_of`); ``None``: none
+    :return: ``False`` if a callback stopped the rollout early
+    """
+    assert model._last_obs is not None, "No previous observation was provided"
+    policy = model.policy
+    policy.set_training_mode(False)
+    box_actions = isinstance(model.action_space, spaces.Box)
+    n_steps = 0
+    rollout_buffer.reset()
+    if model.use_sde:
+        policy.reset_noise(env.num_envs)
+    callback.on_rollout_start()
+    lstm_states = copy.deepcopy(model._last_lstm_states)
+
+    while n_steps < n_rollout_steps:
+        if model.use_sde and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
+            policy.reset_noise(env.num_envs)
+        masks = None if action_masks_of is None else action_masks_of(env)
+        with th.no_grad():
+            obs_tensor = obs_as_tensor(model._last_obs, model.device)  # type: ignore[arg-type]
+            episode_starts = th.tensor(model._last_episode_starts, dtype=th.float32, device=model.device)
+            if masks is None:
+                actions, values, log_probs, lstm_states = policy(obs_tensor, lstm_states, episode_starts)
+            else:
+                actions, values, log_probs, lstm_states = policy(obs_tensor, lstm_states, episode_starts, action_masks=masks)
+        actions = actions.cpu().numpy()
+        clipped_actions = np.clip(actions, model.action_space.low, model.action_space.high) if box_actions else actions  # type: ignore[attr-defined]
+
+        new_obs, rewards, dones, infos = env.step(clipped_actions)
+        model.num_timesteps += env.num_envs
+        callback.update_locals(
+            {
+                "self": model,
+                "env": env,
+                "callback": callback,
+                "rollout_buffer": rollout_buffer,
+                "n_rollout_steps": n_rollout_steps,
+                "n_steps": n_steps,
+                "lstm_states": lstm_states,
+                "obs_tensor": obs_tensor,
+                "episode_starts": episode_starts,
+                "actions": actions,
+                "clipped_actions": clipped_actions,
+                "values": values,
+                "log_probs": log_probs,
+                "action_masks": masks,
+                "new_obs": new_obs,
+                "rewards": rewards,
+                "dones": dones,
+                "infos": infos,
+            }
+        )
+        if not callback.on_step():
+            return False
+        model._update_info_buffer(infos, dones)
+        n_steps += 1
+        if isinstance(model.action_space, spaces.Discrete):
+            actions = actions.reshape(-1, 1)
+
+        # a truncated episode's last reward is bootstrapped with the value of its terminal observation (SB3 #633), from
+        # the critic's state after that step
+        for idx, done in enumerate(dones):
+            if done and infos[idx].get("terminal_observation") is not None and infos[idx].get("TimeLimit.truncated", False):
+                terminal_obs = policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
+                with th.no_grad():
+                    state = (
+                        lstm_states.vf[0][:, idx : idx + 1, :].contiguous(),
+                        lstm_states.vf[1][:, idx : idx + 1, :].contiguous(),
+                    )
+                    not_a_start = th.tensor([False], dtype=th.float32, device=model.device)
+                    terminal_value = policy.predict_values(terminal_obs, state, not_a_start)[0]  # type: ignore[arg-type]
+                rewards[idx] += model.gamma * terminal_value
+
+        stored = {} if masks is None else {"action_masks": masks}
+        add: Any = rollout_buffer.add  # sb3-contrib's recurrent buffers take the states (and masks) as keywords
+        add(
+            model._last_obs,
+            actions,
+            rewards,
+            model._last_episode_starts,
+            values,
+            log_probs,
+            lstm_states=model._last_lstm_states,
+            **stored,
+        )
+        model._last_obs = new_obs  # type: ignore[assignment]
+        model._last_episode_starts = dones
+        model._last_lstm_states = lstm_states
+
+    with th.no_grad():
+        episode_starts = th.tensor(dones, dtype=th.float32, device=model.device)
+        values = policy.predict_values(obs_as_tensor(new_obs, model.device), lstm_states.vf, episode_starts)  # type: ignore[arg-type]
+    rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+    callback.on_rollout_end()
+    return True
+
+
 class RecurrentEvaluator:
     """The batch of sequences of one policy step (see :class:`~sb3_trpo.policy_step.Evaluator`).
 
@@ -156,7 +277,7 @@ class RecurrentTRPO(TRPO):
     ``sb3_contrib.RecurrentPPO``'s policies and conventions: ``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``,
     ``"MultiInputLstmPolicy"`` (or a ``RecurrentActorCriticPolicy`` subclass) with their options
     (``lstm_hidden_size``, ``n_lstm_layers``, ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``), and
-    ``predict(obs, state, episode_start, deterministic)``. Rollouts are collected by ``RecurrentPPO``'s loop into
+    ``predict(obs, state, episode_start, deterministic)``. Rollouts are collected as ``RecurrentPPO``'s loop collects them into
     sb3-contrib's recurrent buffers; the policy step works on the rollout's padded sequences (see the module's
     docstring), and the critic step regresses the values over minibatches of sequences, real steps only.
 
@@ -256,7 +377,7 @@ class RecurrentTRPO(TRPO):
         # as RecurrentPPO: the LSTM states of the last rollout belong to its environments, not to the model
         return [*super()._excluded_save_params(), "_last_lstm_states"]
 
-    _general_loop = "sb3-contrib's recurrent loop"
+    _general_loop = "the recurrent loop (RecurrentPPO's, with masks)"
 
     def _lean_collection_gap(self, rollout_buffer: RolloutBuffer) -> str | None:
         return "recurrent policies"
@@ -264,7 +385,7 @@ class RecurrentTRPO(TRPO):
     def _general_collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        return RecurrentPPO.collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)  # type: ignore[arg-type]
+        return recurrent_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
 
     def _rollout_batch(self) -> RolloutBatch:
         """The whole rollout as one batch of padded sequences, drawn once for the update (the buffer cuts the

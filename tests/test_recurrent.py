@@ -1,6 +1,7 @@
 """RecurrentTRPO: the Fisher product over sequences against the explicit Hessian of the masked mean KL, padding that
 never counts, the trust region measured over whole rollouts, round trips, and the checks of what a user passes in."""
 
+import copy
 import subprocess
 import sys
 from typing import Any
@@ -218,6 +219,37 @@ def test_every_accepted_step_keeps_the_kl_over_whole_rollouts_within_the_trust_r
         else:
             assert kl == 0.0
     assert accepted > 0
+
+
+@pytest.mark.parametrize("name", ["discrete", "box"])
+def test_the_recurrent_loop_collects_what_recurrent_ppos_collects(name):
+    """Step for step: observations, actions, rewards (with truncations bootstrapped from the critic's state), values,
+    log-probabilities, the LSTM states stored with each step, and the states and counters the rollout leaves."""
+    from sb3_contrib import RecurrentPPO
+
+    from sb3_trpo.recurrent import recurrent_collect_rollouts
+
+    def fresh() -> RecurrentTRPO:
+        # spaces of their own: RandomEnv samples its observations from them
+        make = lambda: RandomEnv(copy.deepcopy(BOX_OBS), copy.deepcopy(SPACES[name]), ep_length=7)  # noqa: E731
+        env = make_vec_env(make, n_envs=2, seed=0)
+        kwargs = dict(n_steps=32, batch_size=64, seed=0, policy_kwargs=dict(lstm_hidden_size=4, enable_critic_lstm=True))
+        model = RecurrentTRPO("MlpLstmPolicy", env, **kwargs)
+        model._setup_learn(64, None)
+        return model
+
+    ours, theirs = fresh(), fresh()
+    for collect, model in ((recurrent_collect_rollouts, ours), (RecurrentPPO.collect_rollouts, theirs)):
+        th.manual_seed(1)
+        for _ in range(2):  # the second rollout starts from the states the first left
+            assert collect(model, model.env, model._init_callback(None), model.rollout_buffer, 32)
+    fields = ("observations", "actions", "rewards", "returns", "advantages", "values", "log_probs", "episode_starts")
+    for field in (*fields, "hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf"):
+        np.testing.assert_array_equal(getattr(ours.rollout_buffer, field), getattr(theirs.rollout_buffer, field), field)
+    for a, b in zip(ours._last_lstm_states, theirs._last_lstm_states, strict=True):
+        assert all(th.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert ours.num_timesteps == theirs.num_timesteps == 128
+    assert ours.rollout_buffer.rewards.any()
 
 
 def test_save_load_gives_identical_predictions_and_states_and_continues_training(tmp_path):
