@@ -102,6 +102,8 @@ def distribution_of(
     :param context: for a recurrent policy, the LSTM states at the start of each sequence and the episode starts
         (sb3-contrib's ``get_distribution(obs, lstm_states, episode_starts)``, whose new states are not needed)
     """
+    if context is not None and action_masks is not None:  # a maskable recurrent policy
+        return policy.get_distribution(obs, *context, action_masks=action_masks)[0]  # type: ignore[call-arg,index]
     if context is not None:
         return policy.get_distribution(obs, *context)[0]  # type: ignore[call-arg,index]
     if action_masks is not None:

@@ -12,6 +12,7 @@ search all see the masked distributions that collected the data, so an accepted 
 the valid actions at most ``target_kl``.
 """
 
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -21,7 +22,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, MultiCategoricalDistribution
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import DictRolloutBufferSamples, GymEnv, MaybeCallback, RolloutBufferSamples
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 try:
@@ -47,10 +48,11 @@ from sb3_trpo.distributions import DistributionParams, Family, register_distribu
 from sb3_trpo.lean_forward import lean_collection_gap, register_masked_distribution
 from sb3_trpo.masks import masks_of, with_action_masks
 from sb3_trpo.trpo import TRPO
+from sb3_trpo.validation import check_policy_class
 
-SelfMaskableTRPO = TypeVar("SelfMaskableTRPO", bound="MaskableTRPO")
+SelfMaskedTRPO = TypeVar("SelfMaskedTRPO", bound="MaskedTRPO")
 
-__all__ = ["MaskableTRPO"]
+__all__ = ["MaskableTRPO", "MaskedTRPO"]
 
 #: the action spaces sb3-contrib can mask
 MASKABLE_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
@@ -80,7 +82,102 @@ register_masked_distribution(MaskableMultiCategoricalDistribution, MultiCategori
 register_masked_distribution(MaskableBernoulliDistribution, MultiCategoricalDistribution)
 
 
-class MaskableTRPO(TRPO):
+class MaskedTRPO(TRPO):
+    """What invalid-action masks add to :class:`~sb3_trpo.TRPO`, for every maskable class (:class:`MaskableTRPO`,
+    :class:`~sb3_trpo.maskable_recurrent.MaskableRecurrentTRPO`): Discrete, MultiDiscrete and MultiBinary actions only;
+    the environment's masks wherever it keeps them (:mod:`sb3_trpo.masks`); ``learn(..., use_masking=True)``,
+    ``predict(..., action_masks=...)``; the masks stored with the rollout handed to the policy step. How the masks are
+    collected and stored is the subclass's (its policy, buffer and loop).
+
+    :param policy: the policy (an alias of the subclass, or a subclass of its policy class)
+    :param env: the environment to learn from (if registered in Gym, can be str)
+    :param kwargs: the other arguments of the class it extends (as keywords)
+    """
+
+    def __init__(self, policy: Any, env: GymEnv | str, **kwargs: Any):
+        # whether the rollout in the buffer was collected with masks (set by learn(use_masking=...))
+        self._use_masking = True
+        init_setup_model = kwargs.pop("_init_setup_model", True)
+        super().__init__(policy, env, _init_setup_model=False, **kwargs)
+        if not isinstance(self.action_space, MASKABLE_ACTION_SPACES):
+            raise ValueError(
+                f"{type(self).__name__} does not support the action space {self.action_space}: masks exist for "
+                "Discrete, MultiDiscrete and MultiBinary actions (use TRPO for Box actions)."
+            )
+        if init_setup_model:  # as TRPO does when it sets up the model itself
+            if self.env is not None:
+                self._check_rollout_size()
+            self._setup_model()
+
+    @staticmethod
+    def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
+        """SB3's wrapping into a ``VecEnv``, then :func:`~sb3_trpo.masks.with_action_masks`: masks are read from the
+        vectorised environment's ``action_masks()``, each environment's, or the infos of its steps and resets."""
+        return with_action_masks(TRPO._wrap_env(env, verbose, monitor_wrapper))
+
+    def _action_masks_of(self) -> Callable[[VecEnv], np.ndarray] | None:
+        """The environment's masks, checked, when learning with them (``learn(use_masking=True)``)."""
+        return masks_of if self._use_masking else None
+
+    def _batch_masks(self, data: Any) -> th.Tensor | None:
+        """The masks stored with the rollout, as booleans (``None`` if it was collected without masks)."""
+        if not self._use_masking:
+            return None
+        masks: th.Tensor = data.action_masks  # the maskable buffers' samples
+        return masks.bool()
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """The policy's action for ``observation``, chosen among the valid actions of ``action_masks``.
+
+        :param observation: the observation (or a batch of them)
+        :param state: a recurrent policy's states (``None`` at the start); unused otherwise, returned as given
+        :param episode_start: for a recurrent policy, whether each observation starts an episode
+        :param deterministic: the most likely valid action instead of a sample
+        :param action_masks: which actions are valid (``True``), shaped like the flattened action logits of each
+            observation; ``None`` acts without masks
+        :return: the action(s) and the next state
+        """
+        return self.policy.predict(  # type: ignore[call-arg]  # the maskable policies take the masks
+            observation, state, episode_start, deterministic, action_masks=action_masks
+        )
+
+    def learn(  # type: ignore[override]
+        self: SelfMaskedTRPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str | None = None,
+        reset_num_timesteps: bool = True,
+        use_masking: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfMaskedTRPO:
+        """Train as :meth:`TRPO.learn <sb3_trpo.TRPO.learn>` does, with the environment's action masks.
+
+        :param tb_log_name: the TensorBoard run's name (default: the class's name)
+        :param use_masking: collect (and update) with the environment's masks; ``False`` ignores them
+        """
+        if not isinstance(use_masking, (bool, np.bool_)):
+            raise ValueError(f"use_masking={use_masking!r}: allowed values are True or False.")
+        # an environment without masks says so at the first step (sb3_trpo.masks.VecActionMasks)
+        self._use_masking = bool(use_masking)
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name or type(self).__name__,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+
+class MaskableTRPO(MaskedTRPO):
     """
     Trust Region Policy Optimization with invalid-action masking.
 
@@ -114,32 +211,12 @@ class MaskableTRPO(TRPO):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: MaskableActorCriticPolicy  # type: ignore[assignment]
+    _policy_base = MaskableActorCriticPolicy
+    _policy_kind = "maskable"
 
     def __init__(self, policy: str | type[MaskableActorCriticPolicy], env: GymEnv | str, **kwargs: Any):
-        if not (isinstance(policy, str) or (isinstance(policy, type) and issubclass(policy, MaskableActorCriticPolicy))):
-            raise ValueError(
-                f"MaskableTRPO needs a maskable policy, got {policy!r}: use 'MlpPolicy', 'CnnPolicy', 'MultiInputPolicy' "
-                "or a subclass of sb3_contrib.common.maskable.policies.MaskableActorCriticPolicy."
-            )
-        # whether the rollout in the buffer was collected with masks (set by learn(use_masking=...))
-        self._use_masking = True
-        init_setup_model = kwargs.pop("_init_setup_model", True)
-        super().__init__(policy, env, _init_setup_model=False, **kwargs)  # type: ignore[arg-type]
-        if not isinstance(self.action_space, MASKABLE_ACTION_SPACES):
-            raise ValueError(
-                f"MaskableTRPO does not support the action space {self.action_space}: masks exist for Discrete, "
-                "MultiDiscrete and MultiBinary actions (use TRPO for Box actions)."
-            )
-        if init_setup_model:  # as TRPO does when it sets up the model itself
-            if self.env is not None:
-                self._check_rollout_size()
-            self._setup_model()
-
-    @staticmethod
-    def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
-        """SB3's wrapping into a ``VecEnv``, then :func:`~sb3_trpo.masks.with_action_masks`: masks are read from the
-        vectorised environment's ``action_masks()``, each environment's, or the infos of its steps and resets."""
-        return with_action_masks(TRPO._wrap_env(env, verbose, monitor_wrapper))
+        check_policy_class(type(self).__name__, policy, self._policy_base, self._policy_kind, list(self.policy_aliases))
+        super().__init__(policy, env, **kwargs)
 
     def _setup_policy_and_buffer(self) -> None:
         """SB3's on-policy set-up with the maskable buffer and policy (which, unlike SB3's, takes no ``use_sde``)."""
@@ -180,13 +257,7 @@ class MaskableTRPO(TRPO):
         """What sb3-contrib's masked loop collects (each step's masks from ``env.action_masks()``, stored in the
         buffer), by the lean loop: the same data, random numbers and callback locals."""
         return lean_collect_rollouts(
-            self,
-            env,
-            callback,
-            rollout_buffer,
-            n_rollout_steps,
-            maskable=True,
-            action_masks_of=masks_of if self._use_masking else None,
+            self, env, callback, rollout_buffer, n_rollout_steps, maskable=True, action_masks_of=self._action_masks_of()
         )
 
     def _general_collect_rollouts(
@@ -199,57 +270,4 @@ class MaskableTRPO(TRPO):
             rollout_buffer,
             n_rollout_steps,
             use_masking=self._use_masking,
-        )
-
-    def _batch_masks(self, data: RolloutBufferSamples | DictRolloutBufferSamples) -> th.Tensor | None:
-        """The masks stored with the rollout, as booleans (``None`` if it was collected without masks)."""
-        if not self._use_masking:
-            return None
-        return data.action_masks.bool()  # type: ignore[union-attr]  # the maskable buffers' samples
-
-    def predict(
-        self,
-        observation: np.ndarray | dict[str, np.ndarray],
-        state: tuple[np.ndarray, ...] | None = None,
-        episode_start: np.ndarray | None = None,
-        deterministic: bool = False,
-        action_masks: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """The policy's action for ``observation``, chosen among the valid actions of ``action_masks``.
-
-        :param observation: the observation (or a batch of them)
-        :param state: unused (no recurrent policy), returned as given
-        :param episode_start: unused
-        :param deterministic: the most likely valid action instead of a sample
-        :param action_masks: which actions are valid (``True``), shaped like the flattened action logits of each
-            observation; ``None`` acts without masks
-        :return: the action(s) and ``state``
-        """
-        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)
-
-    def learn(  # type: ignore[override]
-        self: SelfMaskableTRPO,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "MaskableTRPO",
-        reset_num_timesteps: bool = True,
-        use_masking: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfMaskableTRPO:
-        """Train as :meth:`TRPO.learn <sb3_trpo.TRPO.learn>` does, with the environment's action masks.
-
-        :param use_masking: collect (and update) with the environment's masks; ``False`` ignores them
-        """
-        if not isinstance(use_masking, (bool, np.bool_)):
-            raise ValueError(f"use_masking={use_masking!r}: allowed values are True or False.")
-        # an environment without masks says so at the first step (sb3_trpo.masks.VecActionMasks)
-        self._use_masking = bool(use_masking)
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
         )

@@ -47,6 +47,7 @@ from sb3_trpo.actor import ActorView, PolicyEvaluation, RecurrentContext
 from sb3_trpo.fisher import FisherProduct, JacobianFisherProduct
 from sb3_trpo.policy_step import PolicyStepResult, RolloutBatch, trust_region_step
 from sb3_trpo.trpo import TRPO
+from sb3_trpo.validation import check_policy_class
 
 SelfRecurrentTRPO = TypeVar("SelfRecurrentTRPO", bound="RecurrentTRPO")
 
@@ -243,6 +244,7 @@ class RecurrentEvaluator:
     :param context: the LSTM states at the start of each sequence (detached) and the episode starts
     :param weights: 1 for a real step, 0 for padding
     :param damping: λ of the Fisher-vector product
+    :param action_masks: the valid actions of each step, padded likewise (``None``: no masking)
     """
 
     needs_graph = True  # the Fisher product runs on the gradient's forward pass through time
@@ -255,15 +257,17 @@ class RecurrentEvaluator:
         context: RecurrentContext,
         weights: th.Tensor,
         damping: float,
+        action_masks: th.Tensor | None = None,
     ) -> None:
         self.actor = actor
         self.weights: th.Tensor | None = weights
         self._obs, self._actions, self._context, self._damping = obs, actions, context, damping
+        self._masks = action_masks
         self._device = weights.device
 
     def evaluate(self, theta: th.Tensor) -> PolicyEvaluation:
         with without_cudnn(self._device):
-            return self.actor.evaluate(theta, self._obs, self._actions, context=self._context)
+            return self.actor.evaluate(theta, self._obs, self._actions, self._masks, context=self._context)
 
     def fisher_product(self, theta: th.Tensor, current: PolicyEvaluation) -> FisherProduct:
         return JacobianFisherProduct(theta, current.params, damping=self._damping, weights=self.weights)
@@ -296,12 +300,13 @@ class RecurrentTRPO(TRPO):
     }
     policy: RecurrentActorCriticPolicy
 
+    _policy_base = RecurrentActorCriticPolicy
+    _policy_kind = "recurrent"
+    #: the buffers that store what the policy step needs of each step (for vector observations, for Dict ones)
+    _buffer_classes: ClassVar[tuple[type[Any], type[Any]]] = (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)
+
     def __init__(self, policy: str | type[RecurrentActorCriticPolicy], env: GymEnv | str, **kwargs: Any):
-        if not (isinstance(policy, str) or (isinstance(policy, type) and issubclass(policy, RecurrentActorCriticPolicy))):
-            raise ValueError(
-                f"RecurrentTRPO needs a recurrent policy, got {policy!r}: use 'MlpLstmPolicy', 'CnnLstmPolicy', "
-                "'MultiInputLstmPolicy' or a subclass of sb3_contrib.common.recurrent.policies.RecurrentActorCriticPolicy."
-            )
+        check_policy_class(type(self).__name__, policy, self._policy_base, self._policy_kind, list(self.policy_aliases))
         kwargs.setdefault("distributed_critic", "gradients")
         self._check_variant_arguments(kwargs)
         init_setup_model = kwargs.pop("_init_setup_model", True)
@@ -342,8 +347,8 @@ class RecurrentTRPO(TRPO):
         policy = self.policy_class(
             self.observation_space, self.action_space, self.lr_schedule, use_sde=self.use_sde, **policy_kwargs
         )
-        if not isinstance(policy, RecurrentActorCriticPolicy):
-            raise ValueError(f"RecurrentTRPO needs a RecurrentActorCriticPolicy, got {type(policy).__name__}.")
+        if not isinstance(policy, self._policy_base):
+            raise ValueError(f"{type(self).__name__} needs a {self._policy_base.__name__}, got {type(policy).__name__}.")
         if extractor_class is not None:  # the wrapper was needed while the LSTM was built only
             policy.features_extractor_class = extractor_class
         self.policy = policy.to(self.device)
@@ -353,15 +358,17 @@ class RecurrentTRPO(TRPO):
             (th.zeros(state_shape, device=self.device), th.zeros(state_shape, device=self.device)),
             (th.zeros(state_shape, device=self.device), th.zeros(state_shape, device=self.device)),
         )
+        vector_buffer, dict_buffer = self._buffer_classes
         if self.rollout_buffer_class is None:
             dict_obs = isinstance(self.observation_space, spaces.Dict)
-            self.rollout_buffer_class = RecurrentDictRolloutBuffer if dict_obs else RecurrentRolloutBuffer
-        elif not issubclass(self.rollout_buffer_class, (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)):
+            self.rollout_buffer_class = dict_buffer if dict_obs else vector_buffer
+        elif not issubclass(self.rollout_buffer_class, self._buffer_classes):
             raise ValueError(
-                f"rollout_buffer_class={self.rollout_buffer_class.__name__} cannot store LSTM states: RecurrentTRPO needs "
-                "sb3-contrib's RecurrentRolloutBuffer or RecurrentDictRolloutBuffer (or a subclass), or None."
+                f"rollout_buffer_class={self.rollout_buffer_class.__name__} cannot store what {type(self).__name__} "
+                f"needs of each step: it needs {vector_buffer.__name__} or {dict_buffer.__name__} (or a subclass), or None."
             )
-        self.rollout_buffer = self.rollout_buffer_class(
+        buffer_class: Any = self.rollout_buffer_class  # a recurrent buffer: it takes the LSTM states' shape
+        self.rollout_buffer = buffer_class(
             self.n_steps,
             self.observation_space,  # a Dict space for the Dict buffer
             self.action_space,
@@ -385,7 +392,7 @@ class RecurrentTRPO(TRPO):
     def _general_collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        return recurrent_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
+        return recurrent_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps, self._action_masks_of())
 
     def _rollout_batch(self) -> RolloutBatch:
         """The whole rollout as one batch of padded sequences, drawn once for the update (the buffer cuts the
@@ -412,6 +419,7 @@ class RecurrentTRPO(TRPO):
             advantages,
             data.returns,
             data.old_values,
+            action_masks=self._batch_masks(data),
             context=context,
             weights=weights,
         )
@@ -420,7 +428,9 @@ class RecurrentTRPO(TRPO):
         """The trust-region step on the rollout's sequences, in evaluation mode (no dropout inside the step)."""
         assert batch.context is not None
         assert batch.weights is not None
-        evaluator = RecurrentEvaluator(actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping)
+        evaluator = RecurrentEvaluator(
+            actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping, batch.action_masks
+        )
         self.policy.set_training_mode(False)
         try:
             step = trust_region_step(

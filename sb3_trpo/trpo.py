@@ -4,7 +4,7 @@ import io
 import os
 import pathlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -138,6 +138,9 @@ class TRPO(DataParallelAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: ActorCriticPolicy
+    #: the policy class a variant needs, and what to call it in a refusal (``None``: SB3's ``ActorCriticPolicy``)
+    _policy_base: ClassVar[type[BasePolicy] | None] = None
+    _policy_kind: ClassVar[str] = "actor-critic"
 
     def __init__(
         self,
@@ -372,6 +375,10 @@ class TRPO(DataParallelAlgorithm):
 
     def _batch_masks(self, data: RolloutBufferSamples | DictRolloutBufferSamples) -> th.Tensor | None:
         """The action masks the rollout was collected with (none: TRPO does not mask; see ``MaskableTRPO``)."""
+        return None
+
+    def _action_masks_of(self) -> Callable[[VecEnv], np.ndarray] | None:
+        """``env -> masks of its environments`` to collect with (none: TRPO does not mask; see ``MaskableTRPO``)."""
         return None
 
     def train(self) -> None:

@@ -236,3 +236,22 @@ def target_kl_at(target_kl: float | Callable[[float], float], progress_remaining
             "finite numbers >= 0 (0 leaves the policy unchanged). Nothing was updated: the model is as before this call."
         )
     return value
+
+
+def check_policy_class(algorithm: str, policy: Any, base: type | None, kind: str, aliases: list[str]) -> None:
+    """Refuse a policy class a variant cannot train (an alias string is checked by SB3 when it looks it up).
+
+    :param algorithm: the class's name, for the message
+    :param policy: the policy given (an alias or a class)
+    :param base: the policy class it needs (``None``: any SB3 ``ActorCriticPolicy``, which SB3 checks)
+    :param kind: what kind of policy that is, for the message (e.g. ``"recurrent"``)
+    :param aliases: the aliases the class accepts
+    :raises ValueError: for a class that is not a subclass of ``base``
+    """
+    if base is None or isinstance(policy, str) or (isinstance(policy, type) and issubclass(policy, base)):
+        return
+    names = ", ".join(repr(alias) for alias in aliases)
+    raise ValueError(
+        f"{algorithm} needs a {kind} policy, got {policy!r}: use {names} or a subclass of "
+        f"{base.__module__}.{base.__qualname__}."
+    )
