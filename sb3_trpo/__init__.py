@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TRPO",
     "CnnPolicy",
+    "MaskableRecurrentTRPO",
     "MaskableTRPO",
     "MlpPolicy",
     "MultiInputPolicy",
@@ -21,12 +22,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # MaskableTRPO and RecurrentTRPO need sb3-contrib (an optional extra): imported on first use, so `import sb3_trpo`
-    # never needs it
+    # MaskableTRPO, RecurrentTRPO and MaskableRecurrentTRPO need sb3-contrib (an optional extra): imported on first
+    # use, so `import sb3_trpo` never needs it
     if name == "MaskableTRPO":
         from sb3_trpo.maskable import MaskableTRPO
 
         return MaskableTRPO
+    if name == "MaskableRecurrentTRPO":
+        from sb3_trpo.maskable_recurrent import MaskableRecurrentTRPO
+
+        return MaskableRecurrentTRPO
     if name == "RecurrentTRPO":
         from sb3_trpo.recurrent import RecurrentTRPO
 

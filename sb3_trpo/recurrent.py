@@ -19,7 +19,7 @@ import contextlib
 import copy
 import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
@@ -28,7 +28,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs
+from stable_baselines3.common.type_aliases import GymEnv, PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -48,8 +48,6 @@ from sb3_trpo.fisher import FisherProduct, JacobianFisherProduct
 from sb3_trpo.policy_step import PolicyStepResult, RolloutBatch, trust_region_step
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.validation import check_policy_class
-
-SelfRecurrentTRPO = TypeVar("SelfRecurrentTRPO", bound="RecurrentTRPO")
 
 __all__ = ["RecurrentTRPO"]
 
@@ -465,21 +463,3 @@ class RecurrentTRPO(TRPO):
                 optimizer.step()
                 losses.append(loss.detach())
         return self._replica.mean_of_floats([th.stack(losses).mean().item()], self.device)[0]
-
-    def learn(
-        self: SelfRecurrentTRPO,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "RecurrentTRPO",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfRecurrentTRPO:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )

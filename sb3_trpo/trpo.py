@@ -544,15 +544,19 @@ class TRPO(DataParallelAlgorithm):
         total_timesteps: int,
         callback: MaybeCallback = None,
         log_interval: int = 1,
-        tb_log_name: str = "TRPO",
+        tb_log_name: str | None = None,
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfTRPO:
+        """SB3's ``learn``.
+
+        :param tb_log_name: the TensorBoard run's name (default: the class's name, ``"TRPO"`` for TRPO)
+        """
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
             log_interval=log_interval,
-            tb_log_name=tb_log_name,
+            tb_log_name=tb_log_name or type(self).__name__,
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )

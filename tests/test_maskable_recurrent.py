@@ -1,0 +1,292 @@
+"""MaskableRecurrentTRPO: the masked Fisher product over padded sequences against the explicit Hessian, padding that
+never counts (values and masks), the trust region over whole masked rollouts, never an invalid action, round trips,
+the mask sources, and learning a task that needs both memory and masks."""
+
+import copy
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+
+from tests.helpers import BOX_OBS, import_sb3_contrib
+
+import_sb3_contrib()  # a dev dependency: required in CI, skipped elsewhere without it
+
+from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
+
+from sb3_trpo import MaskableRecurrentTRPO, MaskableTRPO, RecurrentTRPO  # noqa: E402
+from sb3_trpo.actor import ActorView  # noqa: E402
+from sb3_trpo.distributed import Replica  # noqa: E402
+from sb3_trpo.fisher import JacobianFisherProduct  # noqa: E402
+from sb3_trpo.maskable_recurrent import MaskableRecurrentActorCriticPolicy  # noqa: E402
+from sb3_trpo.policy_step import StepSettings, trust_region_step  # noqa: E402
+from sb3_trpo.recurrent import RecurrentEvaluator  # noqa: E402
+from tests.test_maskable import MASKED_SPACES, random_masks, restricted_kl, sub_space_sizes  # noqa: E402
+from tests.test_masks import SOURCES, WithMethod  # noqa: E402
+from tests.test_recurrent import EPISODE_STARTS, WEIGHTS  # noqa: E402
+
+DAMPING = 0.1
+SMALL = dict(lstm_hidden_size=8)
+
+
+@pytest.fixture
+def float64_observations(monkeypatch):
+    """SB3's preprocessing turns Box observations into float32; these tests run the policy in float64 throughout."""
+    import stable_baselines3.common.policies
+
+    monkeypatch.setattr(stable_baselines3.common.policies, "preprocess_obs", lambda obs, space, normalize_images=True: obs)
+
+
+def tiny_policy(space: spaces.Space, seed: int = 0) -> MaskableRecurrentActorCriticPolicy:
+    th.manual_seed(seed)
+    policy = MaskableRecurrentActorCriticPolicy(
+        BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4, net_arch=dict(pi=[5], vf=[4])
+    )
+    with th.no_grad():  # far from uniform, so the Fisher matrix is not degenerate
+        for param in policy.action_net.parameters():
+            param.normal_(0.0, 0.8)
+    return policy.double()
+
+
+def masked_sequences(policy: MaskableRecurrentActorCriticPolicy, space: spaces.Space, fully_masked: bool) -> dict:
+    """Three sequences padded to 5 steps (lengths 5, 2, 4), an episode start inside the first, masks that change every
+    step (with ``fully_masked``, every odd step has a sub-space with no valid action)."""
+    generator = th.Generator().manual_seed(0)
+    n = len(WEIGHTS)
+    obs = th.rand(n, 3, generator=generator, dtype=th.float64) * 2 - 1
+    episode_starts = th.zeros(n, dtype=th.float64)
+    episode_starts[EPISODE_STARTS] = 1.0
+    hidden = 0.5 * th.randn(2, 1, 3, 4, generator=generator, dtype=th.float64)
+    context = ((hidden[0], hidden[1]), episode_starts)
+    masks = random_masks(space, n, seed=1, fully_masked=fully_masked)
+    with th.no_grad():
+        actions = policy.get_distribution(obs, *context, action_masks=masks)[0].sample()
+    weights = th.tensor(WEIGHTS, dtype=th.float64)
+    return {"obs": obs, "actions": actions, "context": context, "masks": masks, "weights": weights}
+
+
+@pytest.mark.parametrize("fully_masked", [False, True], ids=["valid-actions", "fully-masked-sub-spaces"])
+@pytest.mark.parametrize("name", list(MASKED_SPACES))
+def test_fisher_products_equal_the_explicit_hessian_of_the_masked_mean_kl_over_sequences(
+    name, fully_masked, float64_observations
+):
+    space = MASKED_SPACES[name]
+    policy = tiny_policy(space)
+    batch = masked_sequences(policy, space, fully_masked)
+    obs, actions, context, masks, weights = (batch[k] for k in ("obs", "actions", "context", "masks", "weights"))
+    actor = ActorView(policy, obs, context)
+    assert any(p is policy.lstm_actor.weight_hh_l0 for p in actor.parameters), "the LSTM is an actor parameter"
+    theta_old = actor.flat()
+    sizes = sub_space_sizes(space)
+
+    def raw_logits(theta: th.Tensor) -> th.Tensor:  # unmasked: the reference restricts them to the valid actions
+        return th.cat(actor.evaluate(theta, obs, actions, context=context).params.tensors, dim=1)
+
+    with th.no_grad():
+        old_raw = raw_logits(theta_old)
+
+    def masked_mean_kl(theta: th.Tensor) -> th.Tensor:  # over real steps only
+        kl = restricted_kl(old_raw, raw_logits(theta), masks, sizes)
+        return (kl * weights).sum() / weights.sum()
+
+    hessian = th.autograd.functional.hessian(masked_mean_kl, theta_old)
+    assert hessian.abs().max() > 1e-3, "degenerate test: the Hessian is (nearly) zero"
+    theta = theta_old.clone().requires_grad_(True)
+    evaluator = RecurrentEvaluator(actor, obs, actions, context, weights, DAMPING, masks)
+    current = evaluator.evaluate(theta)
+    product = evaluator.fisher_product(theta, current)
+    unmasked = JacobianFisherProduct(
+        theta, actor.evaluate(theta, obs, actions, context=context).params, DAMPING, weights=weights
+    )
+    generator = th.Generator().manual_seed(1)
+    for _ in range(3):
+        v = th.randn(actor.size, generator=generator, dtype=th.float64)
+        expected = hessian @ v + DAMPING * v
+        th.testing.assert_close(product(v), expected, rtol=1e-7, atol=1e-9)
+    assert not th.allclose(unmasked(v), expected, rtol=1e-3, atol=1e-5)  # the masks make another matrix
+
+
+def _step(policy, batch, old_log_prob, advantages):
+    actor = ActorView(policy, batch["obs"], batch["context"])
+    evaluator = RecurrentEvaluator(
+        actor, batch["obs"], batch["actions"], batch["context"], batch["weights"], DAMPING, batch["masks"]
+    )
+    settings = StepSettings(target_kl=0.01, cg_max_steps=10, line_search_shrinking_factor=0.5, line_search_max_iter=15)
+    return trust_region_step(evaluator, old_log_prob, advantages, settings, Replica.alone()), actor.flat()
+
+
+@pytest.mark.parametrize("padded_masks", ["all-valid", "none-valid", "random"])
+@pytest.mark.parametrize("name", list(MASKED_SPACES))
+def test_padded_rows_never_change_the_step_whatever_their_masks(name, padded_masks, float64_observations):
+    space = MASKED_SPACES[name]
+    steps = []
+    for perturb in (False, True):
+        policy = tiny_policy(space)
+        batch = masked_sequences(policy, space, fully_masked=False)
+        with th.no_grad():
+            distribution = policy.get_distribution(batch["obs"], *batch["context"], action_masks=batch["masks"])[0]
+            old_log_prob = distribution.log_prob(batch["actions"])
+        advantages = th.linspace(-1.0, 1.0, len(WEIGHTS), dtype=th.float64)
+        if perturb:  # whatever sits in the padding: observations, actions, masks, log-probabilities, advantages
+            padded = batch["weights"] == 0
+            batch["obs"][padded] = 5.0
+            batch["actions"][padded] = batch["actions"][padded].flip(0)
+            masks = batch["masks"].clone()
+            fill = {"all-valid": True, "none-valid": False}
+            masks[padded] = fill[padded_masks] if padded_masks in fill else random_masks(space, int(padded.sum()), 7)
+            batch["masks"] = masks
+            old_log_prob, advantages = old_log_prob.clone(), advantages.clone()
+            old_log_prob[padded], advantages[padded] = -1000.0, 100.0
+        steps.append(_step(policy, batch, old_log_prob, advantages))
+    (first, theta_first), (second, theta_second) = steps
+    assert first.accepted
+    assert th.equal(theta_first, theta_second)
+    assert first == second
+
+
+class Recall(gym.Env):
+    """A cue shown at the first step only (one of 4), then blank observations; at the last step the agent must name
+    the cue among the legal answers. The legal answers (2 of 4, always including the cue) are in the mask, which the
+    observation does not show: a memoryless policy cannot know the cue, and a maskless one picks illegal answers
+    (ending the episode at -1). Memory and masks together score 1."""
+
+    observation_space = spaces.Box(0.0, 1.0, (5,), np.float32)
+    action_space = spaces.Discrete(4)
+    DELAY = 4
+
+    def __init__(self) -> None:
+        self.cue, self.t, self.decoy = 0, 0, 1
+
+    def action_masks(self) -> np.ndarray:
+        mask = np.zeros(4, dtype=bool)
+        if self.t < self.DELAY:
+            mask[0] = True  # "wait" (action 0) is the only legal move before the question
+        else:
+            mask[[self.cue, self.decoy]] = True
+        return mask
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(5, dtype=np.float32)
+        if self.t == 0:
+            obs[self.cue] = 1.0
+        obs[4] = float(self.t >= self.DELAY)  # the question is asked
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.cue, self.t = int(self.np_random.integers(4)), 0
+        self.decoy = int((self.cue + 1 + self.np_random.integers(3)) % 4)
+        return self._obs(), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        legal = self.action_masks()[int(action)]
+        if self.t < self.DELAY:
+            self.t += 1
+            return self._obs(), 0.0 if legal else -1.0, not legal, False, {}
+        reward = 1.0 if int(action) == self.cue else (0.0 if legal else -1.0)
+        return self._obs(), reward, True, False, {}
+
+
+def test_never_an_invalid_action_in_collection_predict_and_evaluation():
+    from sb3_contrib.common.maskable.evaluation import evaluate_policy
+    from sb3_contrib.common.maskable.utils import get_action_masks
+
+    env = make_vec_env(Recall, n_envs=2, seed=0)
+    model = MaskableRecurrentTRPO(
+        "MlpLstmPolicy", env, n_steps=64, batch_size=64, seed=0, policy_kwargs=dict(lstm_hidden_size=8)
+    )
+    model.learn(512)
+    buffer = model.rollout_buffer  # flattened by the update: (n_envs * n_steps, ...)
+    actions = buffer.actions.reshape(-1).astype(int)
+    masks = buffer.action_masks.reshape(len(actions), 4)
+    assert masks[np.arange(len(actions)), actions].all()
+    assert (buffer.rewards >= 0).all()  # an invalid action scores -1
+    obs, state, starts = env.reset(), None, np.ones(2, dtype=bool)
+    for _ in range(20):
+        masks = get_action_masks(env)
+        action, state = model.predict(obs, state, starts, deterministic=False, action_masks=masks)
+        assert masks[np.arange(2), action].all()
+        obs, _, starts, _ = env.step(action)
+    returns, _ = evaluate_policy(model, env, n_eval_episodes=10, use_masking=True, return_episode_rewards=True)
+    assert min(returns) >= 0.0
+
+
+def test_save_load_gives_identical_predictions_and_states(tmp_path):
+    env = make_vec_env(Recall, n_envs=2, seed=0)
+    model = MaskableRecurrentTRPO(
+        "MlpLstmPolicy", env, n_steps=32, batch_size=64, seed=0, policy_kwargs=dict(lstm_hidden_size=8)
+    )
+    model.learn(128)
+    model.save(tmp_path / "model")
+    loaded = MaskableRecurrentTRPO.load(tmp_path / "model", env=env)
+    assert loaded.policy.lstm_actor.hidden_size == 8
+    obs, starts = env.reset(), np.ones(2, dtype=bool)
+    states = (None, None)
+    masks = np.array([[True, False, True, True], [False, True, True, False]])
+    for _ in range(6):
+        first = model.predict(obs, states[0], starts, deterministic=True, action_masks=masks)
+        second = loaded.predict(obs, states[1], starts, deterministic=True, action_masks=masks)
+        np.testing.assert_array_equal(first[0], second[0])
+        np.testing.assert_array_equal(first[1][0], second[1][0])
+        assert masks[np.arange(2), first[0]].all()
+        states, starts = (first[1], second[1]), np.zeros(2, dtype=bool)
+    loaded.learn(64)
+
+
+def test_every_mask_source_gives_the_same_rollout():
+    rollouts = {}
+    for name, make in SOURCES.items():
+        model = MaskableRecurrentTRPO(
+            "MlpLstmPolicy", make(), n_steps=32, batch_size=64, seed=3, policy_kwargs=dict(lstm_hidden_size=4)
+        )
+        model.learn(64)
+        rollouts[name] = {k: np.array(getattr(model.rollout_buffer, k)) for k in ("observations", "actions", "action_masks")}
+    reference = rollouts.pop("each environment's action_masks()")
+    for name, other in rollouts.items():
+        for key, array in reference.items():
+            np.testing.assert_array_equal(other[key], array, err_msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(policy="MlpPolicy"), "MaskableRecurrentTRPO needs a maskable recurrent policy"),
+        (dict(env="Pendulum-v1"), "does not support the action space Box"),
+        (dict(sub_sampling_factor=2), "sub_sampling_factor=2 is not allowed with RecurrentTRPO"),
+        (dict(target_kl=-1.0), "target_kl=-1.0 is not allowed"),
+    ],
+)
+def test_what_a_user_passes_in_is_checked(kwargs, match):
+    from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+
+    policy = RecurrentActorCriticPolicy if kwargs.pop("policy", None) else "MlpLstmPolicy"
+    env = kwargs.pop("env", None) or make_vec_env(WithMethod, n_envs=1)
+    with pytest.raises(ValueError, match=match):
+        MaskableRecurrentTRPO(policy, env, **kwargs)
+
+
+@pytest.mark.slow
+def test_memory_and_masks_together_learn_what_neither_learns_alone():
+    """Recall: the cue must be remembered (4 blank steps) and the answer chosen among the legal ones. Without memory
+    the best is 1/2 (a legal guess); without masks the waiting steps and the answer are often illegal (-1)."""
+    budget = 30_000
+
+    def final_return(algorithm: Any, policy: str) -> float:
+        env = make_vec_env(Recall, n_envs=4, seed=0)
+        model = algorithm(policy, env, n_steps=128, batch_size=128, seed=0, policy_kwargs=dict(net_arch=[32]))
+        model.learn(budget)
+        from sb3_contrib.common.maskable.evaluation import evaluate_policy
+
+        masking = algorithm is not RecurrentTRPO
+        returns, _ = evaluate_policy(model, copy.deepcopy(env), n_eval_episodes=100, use_masking=masking, deterministic=True)
+        return float(returns)
+
+    both = final_return(MaskableRecurrentTRPO, "MlpLstmPolicy")
+    no_memory = final_return(MaskableTRPO, "MlpPolicy")
+    no_masks = final_return(RecurrentTRPO, "MlpLstmPolicy")
+    assert both > 0.9, both
+    assert no_memory < 0.7, no_memory
+    assert no_masks < 0.7, no_masks
