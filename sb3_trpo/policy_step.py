@@ -281,6 +281,10 @@ def trust_region_step(
     del fisher_product, local_fisher, current  # free the retained graph before the line search
     gradient_norm = gradient.norm().item()
     cg_residual = cg.residual_norm / gradient_norm if gradient_norm > 0 else 0.0
+    if cg.n_iterations == 0 and cg.breakdown is None:
+        # the gradient is already below conjugate gradient's tolerance (a converged policy, advantages near 0): there
+        # is no direction to step in, which is no numerical fault (its curvature would underflow to 0)
+        return PolicyStepResult.unchanged(old_objective, 0, cg_residual, old_entropy)
 
     # 3. largest step whose quadratic KL model reaches the trust-region radius
     if cg.breakdown is not None and not math.isfinite(cg.breakdown):

@@ -108,6 +108,19 @@ def test_non_positive_curvature_skips_the_policy_step(monkeypatch):
     assert th.equal(model._actor_view.flat(), actor_before)
 
 
+def test_a_gradient_below_the_solvers_tolerance_takes_no_step_and_is_no_fault():
+    """A converged policy (here: advantages of 1e-9) has a gradient too small for conjugate gradient to move from 0:
+    no step, and no warning (the curvature of the zero direction, 0, is no numerical fault)."""
+    model = trained(normalize_advantage=False)
+    model.rollout_buffer.advantages *= 1e-9
+    actor_before = model._actor_view.flat()
+    model.train()  # any warning fails the test suite
+    assert th.equal(model._actor_view.flat(), actor_before)
+    logged = model.logger.name_to_value
+    assert logged["train/skipped_policy_steps"] == 0
+    assert logged["train/is_line_search_success"] == 0.0
+
+
 def test_diverging_critic_is_rolled_back():
     model = trained()
     model.lr_schedule = lambda _: 1e38  # Adam's first steps move by ~lr: the critic overflows at once

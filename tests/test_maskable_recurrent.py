@@ -147,6 +147,54 @@ def test_padded_rows_never_change_the_step_whatever_their_masks(name, padded_mas
     assert first == second
 
 
+def whole_rollout_logits(
+    policy: MaskableRecurrentActorCriticPolicy, obs: th.Tensor, starts: th.Tensor, initial: Any
+) -> th.Tensor:
+    """The unmasked logits of every step of each environment's whole rollout (the LSTM run from the state stored
+    before its first step, reset at episode starts), ``(n_envs * n_steps, size)``."""
+    logits = []
+    for e in range(obs.shape[1]):
+        context = ((initial[0][:, e : e + 1].contiguous(), initial[1][:, e : e + 1].contiguous()), starts[:, e])
+        with th.no_grad():
+            distribution = policy.get_distribution(obs[:, e], *context)[0]
+        parts = getattr(distribution, "distributions", None) or [distribution.distribution]
+        logits.append(th.cat([part.logits for part in parts], dim=1))
+    return th.cat(logits)
+
+
+@pytest.mark.parametrize("name", ["discrete", "multidiscrete"])
+def test_every_accepted_step_keeps_the_masked_kl_over_whole_rollouts_within_the_trust_region(name):
+    """The KL of each update over the valid actions, recomputed with torch.distributions for every step of each
+    environment's whole rollout (no sequences, no padding), with the masks stored at collection."""
+    from sb3_contrib.common.envs import InvalidActionEnvMultiDiscrete
+
+    make = WithMethod if name == "discrete" else (lambda: InvalidActionEnvMultiDiscrete(dims=[3, 4], n_invalid_actions=3))
+    env = make_vec_env(make, n_envs=2, seed=0)
+    model = MaskableRecurrentTRPO("MlpLstmPolicy", env, n_steps=32, batch_size=16, seed=0, target_kl=0.02, policy_kwargs=SMALL)
+    model.learn(64)  # past the first update, so that the states stored at collection are not all zero
+    buffer, policy = model.rollout_buffer, model.policy
+    sizes = sub_space_sizes(model.action_space)
+    accepted = 0
+    for _ in range(3):
+        _, callback = model._setup_learn(32, reset_num_timesteps=False)
+        model.collect_rollouts(model.env, callback, buffer, model.n_steps)
+        obs = th.as_tensor(buffer.observations.copy())  # (n_steps, n_envs, ...), before get() reorders them
+        starts = th.as_tensor(buffer.episode_starts.copy())
+        initial = (th.as_tensor(buffer.hidden_states_pi[0].copy()), th.as_tensor(buffer.cell_states_pi[0].copy()))
+        masks = th.as_tensor(buffer.action_masks.copy()).bool().transpose(0, 1).reshape(-1, sum(sizes))
+        assert not masks.all(), "degenerate test: no action masked"
+        before = whole_rollout_logits(policy, obs, starts, initial)
+        model.train()
+        after = whole_rollout_logits(policy, obs, starts, initial)
+        kl = restricted_kl(before, after, masks, sizes).mean().item()
+        if model.logger.name_to_value["train/is_line_search_success"] == 1.0:
+            accepted += 1
+            assert 0.0 < kl <= 0.02 * (1 + 1e-3), kl
+        else:
+            assert kl == 0.0
+    assert accepted > 0
+
+
 class Recall(gym.Env):
     """A cue shown at the first step only (one of 4), then blank observations; at the last step the agent must name
     the cue among the legal answers. The legal answers (2 of 4, always including the cue) are in the mask, which the
