@@ -12,6 +12,7 @@ search all see the masked distributions that collected the data, so an accepted 
 the valid actions at most ``target_kl``.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -94,12 +95,16 @@ class MaskedTRPO(TRPO):
     :param kwargs: the other arguments of the class it extends (as keywords)
     """
 
+    #: whether predict() has warned that it was called without masks (once per model)
+    _warned_without_masks = False
+
     def __init__(self, policy: Any, env: GymEnv | str, **kwargs: Any):
         # whether the rollout in the buffer was collected with masks (set by learn(use_masking=...))
         self._use_masking = True
         init_setup_model = kwargs.pop("_init_setup_model", True)
         super().__init__(policy, env, _init_setup_model=False, **kwargs)
-        if not isinstance(self.action_space, MASKABLE_ACTION_SPACES):
+        # load() builds the model without an environment, and sets the saved spaces afterwards
+        if hasattr(self, "action_space") and not isinstance(self.action_space, MASKABLE_ACTION_SPACES):
             raise ValueError(
                 f"{type(self).__name__} does not support the action space {self.action_space}: masks exist for "
                 "Discrete, MultiDiscrete and MultiBinary actions (use TRPO for Box actions)."
@@ -108,6 +113,9 @@ class MaskedTRPO(TRPO):
             if self.env is not None:
                 self._check_rollout_size()
             self._setup_model()
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_warned_without_masks"]
 
     @staticmethod
     def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
@@ -144,6 +152,15 @@ class MaskedTRPO(TRPO):
             observation; ``None`` acts without masks
         :return: the action(s) and the next state
         """
+        if action_masks is None and not self._warned_without_masks:
+            self._warned_without_masks = True
+            warnings.warn(
+                f"{type(self).__name__}.predict was called without action_masks, so it may choose invalid actions: pass "
+                "action_masks=sb3_contrib.common.maskable.utils.get_action_masks(env), or evaluate with sb3-contrib's "
+                "evaluate_policy / MaskableEvalCallback, which pass them (said once per model).",
+                UserWarning,
+                stacklevel=2,
+            )
         return self.policy.predict(  # type: ignore[call-arg]  # the maskable policies take the masks
             observation, state, episode_start, deterministic, action_masks=action_masks
         )

@@ -166,3 +166,54 @@ def test_checked_action_masks(space, masks, error):
 def test_box_actions_cannot_be_masked():
     with pytest.raises(ValueError, match=r"cannot be masked: masks exist for Discrete, MultiDiscrete and MultiBinary"):
         mask_sizes(spaces.Box(-1.0, 1.0, (2,)))
+
+
+class ManyActions(gym.Env):
+    """2,000 actions, 10 of them legal, drawn anew at every step; an illegal action fails the test at once. Rewards
+    the lowest legal action, so the policy sharpens over a long run (where sb3-contrib's users report masked
+    categoricals failing torch's simplex validation, sb3-contrib #322)."""
+
+    N, LEGAL = 2000, 10
+    observation_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
+    action_space = spaces.Discrete(N)
+
+    def __init__(self) -> None:
+        self.legal = np.zeros(self.N, dtype=bool)
+        self.t = 0
+
+    def _draw(self) -> None:
+        self.legal[:] = False
+        self.legal[self.np_random.choice(self.N, self.LEGAL, replace=False)] = True
+
+    def action_masks(self) -> np.ndarray:
+        return self.legal.copy()
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        self._draw()
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        assert self.legal[int(action)], f"illegal action {action}"
+        reward = float(int(action) == int(np.flatnonzero(self.legal)[0]))
+        self.t += 1
+        self._draw()
+        return self.observation_space.sample(), reward, False, self.t >= 50, {}
+
+
+LONG_RUNS = [("MaskableTRPO", "MlpPolicy", 200_000), ("MaskableRecurrentTRPO", "MlpLstmPolicy", 50_000)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algorithm", "policy", "timesteps"), LONG_RUNS)
+def test_a_long_run_over_2000_actions_with_masks_changing_every_step_never_fails(algorithm, policy, timesteps):
+    import sb3_trpo
+
+    env = make_vec_env(ManyActions, n_envs=4, seed=0)
+    model = getattr(sb3_trpo, algorithm)(policy, env, n_steps=256, batch_size=256, seed=0)
+    model.learn(timesteps)  # an illegal action, a failed validation or a skipped step (a warning) fails the test
+    assert model.num_timesteps >= timesteps
+    assert model._skipped_policy_steps == 0
+    # it learned: the lowest legal action is chosen far more often than 1 in 10
+    assert np.mean([info["r"] for info in model.ep_info_buffer]) > 5 * 50 / ManyActions.LEGAL

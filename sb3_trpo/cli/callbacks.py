@@ -50,20 +50,24 @@ class TextProgress(BaseCallback):
         return True
 
 
-class RunEvaluation(EvalCallback):
+class OneEvaluationEnvironment(BaseCallback):
+    """The set-up of a run's evaluation callback: with ``--vec-env subproc`` its one evaluation environment still
+    steps in this process, on purpose (a subprocess would only add its round trip), and SB3 warns that the types
+    differ, which is harmless."""
+
+    def _init_callback(self) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Training and eval env are not of the same type")
+            super()._init_callback()
+
+
+class RunEvaluation(OneEvaluationEnvironment, EvalCallback):
     """SB3's ``EvalCallback`` for the one evaluation environment of a run (in a data-parallel run, rank 0's, which
     records the global timesteps: TRPO shows its callbacks the samples of all processes).
 
     :param eval_env: the evaluation environment
     :param kwargs: ``EvalCallback``'s other arguments
     """
-
-    def _init_callback(self) -> None:
-        with warnings.catch_warnings():
-            # with --vec-env subproc the one evaluation environment still steps in this process, on purpose (a
-            # subprocess would only add its round trip): SB3 warns that the types differ, which is harmless
-            warnings.filterwarnings("ignore", message="Training and eval env are not of the same type")
-            super()._init_callback()
 
 
 class RunProgressBar(ProgressBarCallback):

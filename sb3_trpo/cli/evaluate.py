@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import RecordVideo
-from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, VecTransposeImage
 
 from sb3_trpo.cli import runs
 from sb3_trpo.cli.presets import CliError
+from sb3_trpo.masks import with_action_masks
 from sb3_trpo.trpo import TRPO
 
 
@@ -73,9 +73,11 @@ def run(args: argparse.Namespace) -> int:
         env = _video_env(env_id, args.seed, args.video, args.episodes, env_kwargs)
     if statistics is not None:  # the model was trained on normalized observations: evaluate with the same statistics
         env = _normalized_env(statistics, env, env_id, model_file)
-    returns, lengths = evaluate_policy(
-        model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic, return_episode_rewards=True
-    )
+    # a maskable model acts with the environment's masks, wherever it keeps them; without any, its predict warns once
+    masked = type(model).__name__.startswith("Maskable") and runs.offers_action_masks(env_id, env_kwargs)
+    if masked:
+        env = with_action_masks(env)
+    returns, lengths = runs.evaluate(model, env, args.episodes, deterministic=not args.stochastic, masked=masked)
     env.close()
     if note is not None:
         print(f"sb3-trpo eval: note: {note}", file=sys.stderr)

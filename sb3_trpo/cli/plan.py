@@ -114,6 +114,7 @@ def _new_plan(args: argparse.Namespace, world_size: int, seed: int | None = None
             "to replace that run, or --resume it."
         )
     _check_split(n_envs, settings.hyperparams, world_size)
+    masked = _learns_with_masks(args.action_masks, args.env_id, settings)
     config = {
         "env_id": args.env_id,  # as given: eval of the run imports the module of a MODULE:ENV_ID again
         "gym_packages": args.gym_packages,  # imported again by eval of the run
@@ -129,7 +130,8 @@ def _new_plan(args: argparse.Namespace, world_size: int, seed: int | None = None
         "eval_episodes": eval_episodes,
         "checkpoint_freq": checkpointing.checkpoint_frequency(args.checkpoint_freq, timesteps),
         "tensorboard_log": None if args.tensorboard_log is None else str(args.tensorboard_log),
-        "algorithm": algorithm_for(settings.policy).__name__,  # eval loads the model with it
+        "algorithm": algorithm_for(settings.policy, masked).__name__,  # eval loads the model with it
+        "action_masks": masked,
         "policy": settings.policy,
         "hyperparams": settings.hyperparams,
         "preset": settings.source,
@@ -205,6 +207,21 @@ def _resume_plan(args: argparse.Namespace, run_dir: Path, world_size: int, elast
     return Plan(config=config, settings=recorded, output=run_dir, old_run=[], resume=resume)
 
 
+def _learns_with_masks(requested: str | None, env_id: str, settings: Preset) -> bool:
+    """Whether a new run learns with invalid-action masks (a maskable class): ``--action-masks on`` or ``off`` says so;
+    by default (``auto``), when the environment offers them (:func:`~sb3_trpo.cli.runs.offers_action_masks`)."""
+    if requested == "off":
+        return False
+    offered = runs.offers_action_masks(env_id, settings.env_kwargs)
+    if requested == "on" and not offered:
+        raise CliError(
+            f"--action-masks on, but {env_id} offers no masks: give its environments an action_masks() method (or "
+            "sb3_contrib's ActionMasker), or put the mask in info['action_mask'] of each step and reset; or drop the "
+            "option (masks are used when the environment offers them)."
+        )
+    return offered
+
+
 def segment_seed(seed: int, timesteps: int) -> int:
     """The seed of a run's part that resumes at ``timesteps``: derived from the run's seed and the resume point, so
     a resumed run does not replay the environment seeds its start used, and resuming twice from one checkpoint
@@ -241,6 +258,8 @@ def _refuse_changes(args: argparse.Namespace, run_dir: Path, config: dict[str, A
         recorded = {key: config[key] for key in given}
         if _as_json({**given, **settings.hyperparams}) != _as_json({**recorded, **config["hyperparams"]}):
             changes.append(f"--hyperparams {' '.join(args.hyperparams)} (the run's: {config['hyperparams']})")
+    if args.action_masks in ("on", "off") and (args.action_masks == "on") != bool(config.get("action_masks", False)):
+        changes.append(f"--action-masks {args.action_masks} (the run's: {'on' if config.get('action_masks') else 'off'})")
     if args.overwrite:
         changes.append("--overwrite (a resumed run keeps its folder)")
     if changes:

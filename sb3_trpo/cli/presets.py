@@ -39,19 +39,45 @@ RECURRENT_POLICIES = ("MlpLstmPolicy", "CnnLstmPolicy", "MultiInputLstmPolicy")
 POLICIES = (*TRPO.policy_aliases, *RECURRENT_POLICIES)
 
 
-def algorithm_for(policy: str) -> type[TRPO]:
-    """The algorithm that trains a policy alias: ``RecurrentTRPO`` for the LSTM policies, ``TRPO`` otherwise.
+#: the classes the command line trains, by name: (whether its policy is an LSTM one, whether it masks actions)
+ALGORITHMS = {
+    "TRPO": (False, False),
+    "RecurrentTRPO": (True, False),
+    "MaskableTRPO": (False, True),
+    "MaskableRecurrentTRPO": (True, True),
+}
+
+
+def algorithm_for(policy: str, masked: bool = False) -> type[TRPO]:
+    """The algorithm that trains a policy alias: ``RecurrentTRPO`` for the LSTM policies, ``TRPO`` otherwise, and
+    their maskable forms (``MaskableTRPO``, ``MaskableRecurrentTRPO``) with ``masked``.
 
     :param policy: a policy alias (one of :data:`POLICIES`)
-    :raises CliError: for an LSTM policy without sb3-contrib installed
+    :param masked: whether it learns with invalid-action masks
+    :raises CliError: for a class that needs sb3-contrib when it is not installed
     """
-    if policy not in RECURRENT_POLICIES:
+    recurrent = policy in RECURRENT_POLICIES
+    name = next(name for name, kind in ALGORITHMS.items() if kind == (recurrent, masked))
+    return algorithm_named(name, f"policy={policy}{' with action masks' if masked else ''} trains {name}")
+
+
+def algorithm_named(name: str, why: str | None = None) -> type[TRPO]:
+    """:return: the class of :data:`ALGORITHMS` called ``name``
+
+    :param why: what asked for it, for the message when it cannot be imported
+    :raises CliError: for an unknown name, or a class that needs sb3-contrib when it is not installed
+    """
+    if name not in ALGORITHMS:
+        raise CliError(f"algorithm {name!r} is not one of {', '.join(ALGORITHMS)}.")
+    if name == "TRPO":
         return TRPO
     try:
-        from sb3_trpo.recurrent import RecurrentTRPO
+        import sb3_trpo
+
+        algorithm: type[TRPO] = getattr(sb3_trpo, name)
     except ImportError as error:
-        raise CliError(f"policy={policy} trains RecurrentTRPO: {error}") from None
-    return RecurrentTRPO
+        raise CliError(f"{why or name}: {error}") from None
+    return algorithm
 
 
 class Preset(NamedTuple):

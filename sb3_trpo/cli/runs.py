@@ -16,9 +16,11 @@ import gymnasium as gym
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
-from sb3_trpo.cli.presets import RECURRENT_POLICIES, CliError, algorithm_for
+from sb3_trpo.cli.presets import ALGORITHMS, CliError, algorithm_named
+from sb3_trpo.masks import INFO_KEY, METHOD, mask_sizes
 from sb3_trpo.model_files import save_atomically
 from sb3_trpo.trpo import TRPO
 
@@ -293,12 +295,13 @@ def read_config(folder: Path) -> dict[str, Any] | None:
 
 
 def algorithm_of(model_file: Path, config: dict[str, Any]) -> type[TRPO]:
-    """The class that loads a saved model: the run's ``algorithm`` in ``config.json``, else ``RecurrentTRPO`` when the
-    file's policy is one of sb3-contrib's recurrent policies, else ``TRPO``.
+    """The class that loads a saved model: the run's ``algorithm`` in ``config.json``, else the one its policy class
+    says (sb3-contrib's recurrent policies: ``RecurrentTRPO``; maskable ones: ``MaskableTRPO``; both:
+    ``MaskableRecurrentTRPO``), else ``TRPO``.
 
     :param model_file: a model ``.zip``
     :param config: the run's ``config.json`` (empty for a model outside a run folder)
-    :raises CliError: for a recurrent model without sb3-contrib installed
+    :raises CliError: for a class that needs sb3-contrib when it is not installed
     """
     name = config.get("algorithm")
     if name is None:
@@ -306,8 +309,64 @@ def algorithm_of(model_file: Path, config: dict[str, Any]) -> type[TRPO]:
             with zipfile.ZipFile(model_file) as archive:
                 policy_class = json.loads(archive.read("data"))["policy_class"]
             # SB3 writes a class as its module and the names in its own namespace
-            recurrent = "_process_sequence" in policy_class or "recurrent" in str(policy_class.get("__module__", ""))
+            module = str(policy_class.get("__module__", ""))
+            recurrent = "_process_sequence" in policy_class or "recurrent" in module
+            masked = "maskable" in module
         except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile):
-            recurrent = False  # a damaged file: TRPO.load's own check says what is wrong with it
-        name = "RecurrentTRPO" if recurrent else "TRPO"
-    return algorithm_for(RECURRENT_POLICIES[0] if name == "RecurrentTRPO" else "MlpPolicy")
+            recurrent = masked = False  # a damaged file: TRPO.load's own check says what is wrong with it
+        name = next(name for name, kind in ALGORITHMS.items() if kind == (recurrent, masked))
+    return algorithm_named(str(name))
+
+
+def offers_action_masks(env_id: str, env_kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether the environment offers invalid-action masks in a way the maskable classes read (:mod:`sb3_trpo.masks`):
+    an ``action_masks()`` method (its own or a wrapper's), or ``info["action_mask"]`` at reset. Asked of one
+    environment made for the purpose, so the run's environments and their seeds are untouched.
+
+    :param env_id: ``ENV_ID`` or ``MODULE:ENV_ID`` (its module already imported)
+    :param env_kwargs: keywords of ``gymnasium.make``
+    """
+    env = gym.make(split_env_id(env_id)[1], **(env_kwargs or {}))
+    try:
+        try:
+            mask_sizes(env.action_space)
+        except ValueError:
+            return False  # actions that cannot be masked
+        try:
+            env.get_wrapper_attr(METHOD)
+            return True
+        except AttributeError:
+            pass
+        _, info = env.reset(seed=0)
+        return INFO_KEY in info
+    finally:
+        env.close()
+
+
+def evaluate(model: BaseAlgorithm, env: VecEnv, episodes: int, deterministic: bool, masked: bool) -> tuple[list, list]:
+    """The returns and lengths of ``episodes`` episodes, with the environment's invalid-action masks when ``masked``
+    (sb3-contrib's ``evaluate_policy``, which passes them to ``predict``), else SB3's ``evaluate_policy``.
+
+    :param model: the model
+    :param env: the evaluation environment (for ``masked``, one that offers masks: :func:`sb3_trpo.masks.with_action_masks`)
+    :param episodes: the number of episodes
+    :param deterministic: the most likely actions instead of samples
+    :param masked: evaluate with masks
+    """
+    if masked:
+        from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_masked
+
+        # typed for MaskablePPO, it takes any model whose predict takes the masks
+        returns, lengths = evaluate_masked(
+            model,  # type: ignore[arg-type]
+            env,
+            n_eval_episodes=episodes,
+            deterministic=deterministic,
+            return_episode_rewards=True,
+            use_masking=True,
+        )
+    else:
+        returns, lengths = evaluate_policy(
+            model, env, n_eval_episodes=episodes, deterministic=deterministic, return_episode_rewards=True
+        )
+    return list(returns), list(lengths)  # type: ignore[arg-type]

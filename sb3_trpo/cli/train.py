@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
 from stable_baselines3.common.logger import KVWriter, Logger, make_output_format
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize, sync_envs_normalization
@@ -28,8 +27,9 @@ from sb3_trpo.cli.plan import (
     Plan,
     Resume,
 )
-from sb3_trpo.cli.presets import CliError, algorithm_for, model_kwargs
+from sb3_trpo.cli.presets import CliError, algorithm_named, model_kwargs
 from sb3_trpo.distributed import Replica
+from sb3_trpo.masks import with_action_masks
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.validation import check_spaces
 
@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="step the environments in this process (dummy, the default: measured faster here on MuJoCo and classic "
         "control tasks) or in one process each (subproc: for environments slower than the pipe round trip, ~0.2 ms)",
     )
+    parser.add_argument(
+        "--action-masks",
+        choices=["auto", "on", "off"],
+        help="learn with invalid-action masks (MaskableTRPO, or MaskableRecurrentTRPO with an LSTM policy): auto "
+        "(the default) when the environment offers them, as an action_masks() method or info['action_mask']",
+    )
     parser.add_argument("--no-progress-bar", action="store_true", help="do not show the progress bar")
     parser.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2], help="SB3's log verbosity")
 
@@ -143,7 +149,7 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
     except ValueError as error:
         raise CliError(f"environment {env_id}: {error}") from None
     _check_policy_fits(settings.policy, env.observation_space, settings.hyperparams.get("policy_kwargs"), env_id)
-    algorithm = algorithm_for(settings.policy)  # RecurrentTRPO for an LSTM policy
+    algorithm = algorithm_named(str(config["algorithm"]))  # RecurrentTRPO for an LSTM policy, Maskable... with masks
     gamma = settings.hyperparams.get("gamma", 0.99)
     if resume is not None and resume.vec_normalize is not None:
         env = _unpickled(resume.vec_normalize, env)
@@ -152,6 +158,10 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
     if settings.normalize and eval_env is not None:
         # evaluation sees normalized observations (statistics synchronized by EvalCallback) and the true rewards
         eval_env = VecNormalize(eval_env, gamma=gamma, training=False, norm_reward=False)
+    masked = bool(config.get("action_masks", False))
+    if masked and eval_env is not None:
+        # wrapped as the model wraps the training environment: the same layers, which EvalCallback synchronizes
+        eval_env = with_action_masks(eval_env)
     tensorboard_log = config["tensorboard_log"]
     # each process's share of the critic minibatch: the global minibatch is the preset's
     batch_size = int(settings.hyperparams.get("batch_size", BATCH_SIZE_DEFAULT)) // world_size
@@ -221,7 +231,7 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
     if vec_normalize is not None:
         runs.save_statistics(vec_normalize, output / runs.VEC_NORMALIZE)
     assert eval_env is not None
-    _summary(model, eval_env, output, wall, start)
+    _summary(model, eval_env, output, wall, start, masked)
 
 
 def _unpickled(vec_normalize: bytes, env: VecEnv) -> VecNormalize:
@@ -272,7 +282,12 @@ def _callbacks(
     evaluation = None
     if config["eval_freq"] > 0:
         assert eval_env is not None
-        evaluation = RunEvaluation(
+        evaluation_class: type[EvalCallback] = RunEvaluation
+        if config.get("action_masks", False):  # evaluated with the masks (sb3-contrib's evaluation, imported only here)
+            from sb3_trpo.cli.masked_evaluation import MaskedRunEvaluation
+
+            evaluation_class = MaskedRunEvaluation
+        evaluation = evaluation_class(
             eval_env,
             n_eval_episodes=int(config["eval_episodes"]),
             eval_freq=max(int(config["eval_freq"]) // n_envs, 1),  # counted in calls, one call = n_envs steps
@@ -329,12 +344,12 @@ def _check_policy_fits(policy: str, observation_space: spaces.Space, policy_kwar
         )
 
 
-def _summary(model: TRPO, eval_env: VecEnv, output: Path, wall: float, start: int) -> None:
+def _summary(model: TRPO, eval_env: VecEnv, output: Path, wall: float, start: int, masked: bool) -> None:
     env = model.get_env()
     assert env is not None
     sync_envs_normalization(env, eval_env)  # the final observation statistics, as the saved VecNormalize holds them
     episodes = 10
-    returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=episodes, deterministic=True, return_episode_rewards=True)
+    returns, _ = runs.evaluate(model, eval_env, episodes, deterministic=True, masked=masked)
     mean, std = float(np.mean(returns)), float(np.std(returns))
     lines = [
         "",
