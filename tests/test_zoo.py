@@ -1,6 +1,7 @@
 """``sb3-trpo zoo``: rl-zoo3's train, enjoy, -optimize and --trained-agent running sb3_trpo's classes and presets."""
 
 import builtins
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,15 @@ from sb3_trpo.cli.zoo import register_algorithms, with_preset_config, zoo_hyperp
 pytest.importorskip("rl_zoo3")
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def zoo(*arguments: str, cwd: Path) -> str:
-    """Run ``python -m sb3_trpo zoo ...`` as a user would (rl-zoo3 parses sys.argv and sets global state)."""
+    """Run ``python -m sb3_trpo zoo ...`` as a user would (rl-zoo3 parses sys.argv and sets global state); the tests'
+    environments are importable (``--gym-packages tests.cli_envs...``)."""
     command = [sys.executable, "-m", "sb3_trpo", "zoo", *arguments]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -26,7 +32,7 @@ def zoo(*arguments: str, cwd: Path) -> str:
 def load_run(folder: Path, algo: str, env_id: str):
     import sb3_trpo
 
-    class_name = {"trpo": "TRPO", "trpo_lstm": "RecurrentTRPO"}[algo]
+    class_name = {"trpo": "TRPO", "trpo_lstm": "RecurrentTRPO", "trpo_lstm_maskable": "MaskableRecurrentTRPO"}[algo]
     return getattr(sb3_trpo, class_name).load(folder / algo / f"{env_id}_1" / f"{env_id}.zip")
 
 
@@ -66,6 +72,20 @@ def test_recurrent_trpo_trains_and_enjoys_as_trpo_lstm(tmp_path):
     assert model.policy.lstm_actor.hidden_size == 8
     out = zoo("enjoy", "--algo", "trpo_lstm", "--env", "CartPole-v1", "-f", "logs", "-n", "100", "--no-render", cwd=tmp_path)
     assert "Episode Reward" in out or "Mean reward" in out
+
+
+def test_masks_and_memory_train_and_enjoy_as_trpo_lstm_maskable_with_the_environments_masks(tmp_path):
+    # CliMasked-v0 keeps its masks in its infos; an illegal action pays -1 and ends the episode
+    env = ["--env", "CliMasked-v0", "--gym-packages", "tests.cli_envs.masked"]
+    tiny = "policy_kwargs:dict(lstm_hidden_size=8, net_arch=[8])"
+    zoo("train", "--algo", "trpo_lstm_maskable", *env, "-n", "512", "-f", "logs", "--seed", "0",
+        "--hyperparams", "n_steps:128", "batch_size:128", tiny, cwd=tmp_path)  # fmt: skip
+    model = load_run(tmp_path / "logs", "trpo_lstm_maskable", "CliMasked-v0")
+    assert type(model).__name__ == "MaskableRecurrentTRPO"
+    out = zoo("enjoy", "--algo", "trpo_lstm_maskable", *env, "-f", "logs", "-n", "200", "--no-render", cwd=tmp_path)
+    rewards = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("Episode Reward")]
+    assert rewards, out[-2000:]
+    assert min(rewards) >= 0.0  # every action legal: the masks were passed to predict
 
 
 @pytest.mark.slow

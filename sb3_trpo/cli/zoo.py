@@ -5,8 +5,10 @@ implementation is to replace entries before calling ``rl_zoo3.train.train()`` or
 read ``sys.argv``. This command does exactly that:
 
 - ``--algo trpo`` is :class:`sb3_trpo.TRPO` (replacing sb3-contrib's), ``--algo trpo_lstm`` is
-  :class:`sb3_trpo.RecurrentTRPO` and ``--algo trpo_maskable`` is :class:`sb3_trpo.MaskableTRPO`; the two new names
-  use rl-zoo3's TRPO sampler for ``-optimize``.
+  :class:`sb3_trpo.RecurrentTRPO`, ``--algo trpo_maskable`` is :class:`sb3_trpo.MaskableTRPO` and ``--algo
+  trpo_lstm_maskable`` is :class:`sb3_trpo.MaskableRecurrentTRPO`; the new names use rl-zoo3's TRPO sampler for
+  ``-optimize``. rl-zoo3's ``enjoy`` calls ``predict`` without masks: for the maskable names, its environment offers
+  its masks (:mod:`sb3_trpo.masks`) and the loaded model reads them at every step.
 - Hyperparameters: rl-zoo3's own ``trpo.yml`` was tuned with sb3-contrib's TRPO, whose KL is averaged over action
   dimensions (``d`` times looser than sb3_trpo's on ``d``-dimensional actions). Without ``-conf``/``--conf-file``,
   ``train`` therefore gets sb3_trpo's preset for the environment (``sb3_trpo/cli/presets.json``, as ``sb3-trpo
@@ -23,7 +25,15 @@ from typing import Any
 from sb3_trpo.cli.presets import RECURRENT_POLICIES, CliError, Preset, preset_for
 
 #: rl-zoo3 algorithm names and the sb3_trpo classes they run
-ALGORITHMS = {"trpo": "TRPO", "trpo_lstm": "RecurrentTRPO", "trpo_maskable": "MaskableTRPO"}
+ALGORITHMS = {
+    "trpo": "TRPO",
+    "trpo_lstm": "RecurrentTRPO",
+    "trpo_maskable": "MaskableTRPO",
+    "trpo_lstm_maskable": "MaskableRecurrentTRPO",
+}
+#: the names that learn with LSTM policies, and those that learn with invalid-action masks
+RECURRENT_NAMES = ("trpo_lstm", "trpo_lstm_maskable")
+MASKED_NAMES = ("trpo_maskable", "trpo_lstm_maskable")
 #: policy_kwargs that only the LSTM policies take
 LSTM_KEYWORDS = ("lstm_hidden_size", "n_lstm_layers", "shared_lstm", "enable_critic_lstm", "lstm_kwargs")
 INSTALL = "pip install 'sb3-trpo[zoo]'"
@@ -49,10 +59,53 @@ def run(args: argparse.Namespace) -> int:
             zoo_arguments = with_preset_config(zoo_arguments)
         _run_with_argv(train, "train", zoo_arguments)
     else:
-        from rl_zoo3.enjoy import enjoy
+        from rl_zoo3 import enjoy as enjoy_module
 
-        _run_with_argv(enjoy, "enjoy", zoo_arguments)
+        algo = _option(zoo_arguments, "--algo")
+        if algo in MASKED_NAMES:
+            _enjoy_with_masks(enjoy_module, algo)
+        _run_with_argv(enjoy_module.enjoy, "enjoy", zoo_arguments)
     return 0
+
+
+def _enjoy_with_masks(enjoy_module: Any, algo: str) -> None:
+    """Make rl-zoo3's ``enjoy`` act with the environment's masks: its loop calls ``model.predict`` without them.
+    The environment it makes is wrapped to offer its masks wherever it keeps them (:mod:`sb3_trpo.masks`), and the
+    model it loads reads them from it at every ``predict``.
+
+    :param enjoy_module: ``rl_zoo3.enjoy``
+    :param algo: the maskable algorithm's rl-zoo3 name
+    """
+    import rl_zoo3
+
+    from sb3_trpo.masks import masks_of, with_action_masks
+
+    made: list[Any] = []
+    create_test_env = enjoy_module.create_test_env
+
+    def create_with_masks(*args: Any, **kwargs: Any) -> Any:
+        made.append(with_action_masks(create_test_env(*args, **kwargs)))
+        return made[-1]
+
+    enjoy_module.create_test_env = create_with_masks
+    algorithm = rl_zoo3.ALGOS[algo]
+
+    class WithTheEnvironmentsMasks:
+        """``ALGOS[algo]`` for enjoy: ``load`` gives the model a ``predict`` that reads the masks of enjoy's env."""
+
+        @staticmethod
+        def load(*args: Any, **kwargs: Any) -> Any:
+            model: Any = algorithm.load(*args, **kwargs)
+            act = model.predict
+
+            def predict(observation: Any, state: Any = None, episode_start: Any = None, deterministic: bool = False) -> Any:
+                return act(observation, state, episode_start, deterministic, action_masks=masks_of(made[-1]))
+
+            model.predict = predict
+            return model
+
+    rl_zoo3.ALGOS[algo] = WithTheEnvironmentsMasks  # type: ignore[assignment]
+    enjoy_module.ALGOS[algo] = WithTheEnvironmentsMasks
 
 
 def register_algorithms() -> None:
@@ -100,7 +153,7 @@ def with_preset_config(arguments: list[str]) -> list[str]:
     if algo not in ALGORITHMS:
         return arguments  # another library's algorithm: rl-zoo3's own settings
     preset = preset_for(env_id)
-    entry = zoo_hyperparameters(preset, recurrent=algo == "trpo_lstm")
+    entry = zoo_hyperparameters(preset, recurrent=algo in RECURRENT_NAMES)
     folder = Path(tempfile.mkdtemp(prefix="sb3_trpo_zoo_"))
     path = folder / f"{algo}.yml"
     import yaml
