@@ -28,10 +28,22 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from stable_baselines3.common import evaluation
+from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
-__all__ = ["INFO_KEY", "METHOD", "VecActionMasks", "checked_action_masks", "mask_sizes", "with_action_masks"]
+__all__ = [
+    "INFO_KEY",
+    "METHOD",
+    "ActingWithMasks",
+    "MaskedEvalCallback",
+    "VecActionMasks",
+    "checked_action_masks",
+    "evaluate_policy",
+    "mask_sizes",
+    "with_action_masks",
+]
 
 #: the method sb3-contrib calls on every environment (and the vectorised environment may offer itself)
 METHOD = "action_masks"
@@ -179,3 +191,64 @@ def masks_of(venv: VecEnv, indices: Sequence[int] | None = None) -> np.ndarray:
     rows = venv.env_method(METHOD, indices=indices)
     n_envs = venv.num_envs if indices is None else len(indices)
     return checked_action_masks(np.stack(rows), venv.action_space, n_envs, f"{METHOD}()")
+
+
+class ActingWithMasks:
+    """A maskable model that acts with an environment's masks: its ``predict`` reads them from ``env`` when it is given
+    none; everything else is the model's own. SB3's ``evaluate_policy`` and ``EvalCallback`` drive it as they drive
+    the model, carrying a recurrent policy's states from step to step.
+
+    (sb3-contrib's masked ``evaluate_policy``, and so its ``MaskableEvalCallback``, drop the states when masking,
+    2.9.2: they keep what ``predict`` returns under another name. A recurrent policy then starts afresh at every
+    step.)
+
+    :param model: a model whose ``predict`` takes ``action_masks``
+    :param env: the vectorised environment it acts in (offering masks: :func:`with_action_masks`)
+    """
+
+    def __init__(self, model: Any, env: VecEnv) -> None:
+        self.model = model
+        self.env = env
+
+    def predict(
+        self,
+        observation: Any,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """The model's action among the valid ones (``action_masks``, else the environment's current masks)."""
+        masks = masks_of(self.env) if action_masks is None else action_masks
+        action, next_state = self.model.predict(observation, state, episode_start, deterministic, action_masks=masks)
+        return action, next_state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def evaluate_policy(model: Any, env: VecEnv, *args: Any, use_masking: bool = True, **kwargs: Any) -> Any:
+    """SB3's ``evaluate_policy`` (same arguments and results) acting with the environment's masks, wherever it keeps
+    them, and carrying a recurrent policy's states (see :class:`ActingWithMasks`).
+
+    :param model: a maskable model
+    :param env: the evaluation environment (wrapped by :func:`with_action_masks` here when it needs to be)
+    :param use_masking: ``False``: act without masks, as SB3's function does
+    """
+    if not use_masking:
+        return evaluation.evaluate_policy(model, env, *args, **kwargs)
+    env = with_action_masks(env)
+    return evaluation.evaluate_policy(ActingWithMasks(model, env), env, *args, **kwargs)
+
+
+class MaskedEvalCallback(EvalCallback):
+    """SB3's ``EvalCallback`` whose evaluations act with the evaluation environment's masks (and carry a recurrent
+    policy's states, which sb3-contrib's ``MaskableEvalCallback`` drops when masking). The evaluation environment must
+    be wrapped as the training one is (:func:`with_action_masks`) for VecNormalize's statistics to be synchronized.
+
+    :param eval_env: the evaluation environment, offering masks
+    :param kwargs: ``EvalCallback``'s other arguments
+    """
+
+    def init_callback(self, model: Any) -> None:
+        super().init_callback(ActingWithMasks(model, self.eval_env))  # type: ignore[arg-type]

@@ -239,8 +239,9 @@ class Recall(gym.Env):
 
 
 def test_never_an_invalid_action_in_collection_predict_and_evaluation():
-    from sb3_contrib.common.maskable.evaluation import evaluate_policy
     from sb3_contrib.common.maskable.utils import get_action_masks
+
+    from sb3_trpo.masks import evaluate_policy
 
     env = make_vec_env(Recall, n_envs=2, seed=0)
     model = MaskableRecurrentTRPO(
@@ -258,8 +259,33 @@ def test_never_an_invalid_action_in_collection_predict_and_evaluation():
         action, state = model.predict(obs, state, starts, deterministic=False, action_masks=masks)
         assert masks[np.arange(2), action].all()
         obs, _, starts, _ = env.step(action)
-    returns, _ = evaluate_policy(model, env, n_eval_episodes=10, use_masking=True, return_episode_rewards=True)
+    returns, _ = evaluate_policy(model, env, n_eval_episodes=10, return_episode_rewards=True)
     assert min(returns) >= 0.0
+
+
+def test_evaluation_with_masks_carries_the_lstm_states():
+    """sb3-contrib's masked evaluate_policy (2.9.2) keeps the states predict returns under another name, so a recurrent
+    policy starts afresh at every step; sb3_trpo.masks.evaluate_policy hands them back."""
+    from sb3_contrib.common.maskable.evaluation import evaluate_policy as sb3_contribs
+
+    from sb3_trpo.masks import evaluate_policy
+
+    env = make_vec_env(Recall, n_envs=2, seed=0)
+    model = MaskableRecurrentTRPO("MlpLstmPolicy", env, n_steps=32, batch_size=64, seed=0, policy_kwargs=SMALL)
+    predict = model.policy.predict
+    given: list[Any] = []
+
+    def spy(observation, state=None, episode_start=None, deterministic=False, action_masks=None):
+        given.append(state)
+        return predict(observation, state, episode_start, deterministic, action_masks=action_masks)
+
+    model.policy.predict = spy  # type: ignore[method-assign]
+    evaluate_policy(model, env, n_eval_episodes=4)
+    assert given[0] is None
+    assert all(state is not None for state in given[1:])
+    given.clear()
+    sb3_contribs(model, env, n_eval_episodes=4, use_masking=True)
+    assert all(state is None for state in given), "sb3-contrib's evaluation passes the states now: say so in the docs"
 
 
 def test_save_load_gives_identical_predictions_and_states(tmp_path):
@@ -318,19 +344,19 @@ def test_what_a_user_passes_in_is_checked(kwargs, match):
 
 @pytest.mark.slow
 def test_memory_and_masks_together_learn_what_neither_learns_alone():
-    """Recall: the cue must be remembered (4 blank steps) and the answer chosen among the legal ones. Without memory
-    the best is 1/2 (a legal guess); without masks the waiting steps and the answer are often illegal (-1)."""
-    budget = 30_000
+    """Recall: the cue must be remembered over 4 blank steps and the answer chosen among the legal ones. Without memory
+    the best is 1/2 (a legal guess); without masks, illegal moves while waiting or answering pay -1. Evaluated with
+    the masks and the LSTM's states (sb3_trpo.masks.evaluate_policy), 100 episodes, deterministic."""
+    from sb3_trpo.masks import evaluate_policy
 
     def final_return(algorithm: Any, policy: str) -> float:
         env = make_vec_env(Recall, n_envs=4, seed=0)
-        model = algorithm(policy, env, n_steps=128, batch_size=128, seed=0, policy_kwargs=dict(net_arch=[32]))
-        model.learn(budget)
-        from sb3_contrib.common.maskable.evaluation import evaluate_policy
-
+        kwargs = dict(net_arch=[32]) if policy == "MlpPolicy" else dict(net_arch=[32], lstm_hidden_size=32)
+        model = algorithm(policy, env, n_steps=64, batch_size=256, seed=0, target_kl=0.05, policy_kwargs=kwargs)
+        model.learn(30_000)
         masking = algorithm is not RecurrentTRPO
-        returns, _ = evaluate_policy(model, copy.deepcopy(env), n_eval_episodes=100, use_masking=masking, deterministic=True)
-        return float(returns)
+        mean, _ = evaluate_policy(model, copy.deepcopy(env), n_eval_episodes=100, use_masking=masking, deterministic=True)
+        return float(mean)
 
     both = final_return(MaskableRecurrentTRPO, "MlpLstmPolicy")
     no_memory = final_return(MaskableTRPO, "MlpPolicy")

@@ -10,6 +10,7 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 from torch.utils.tensorboard import SummaryWriter
 
 from sb3_trpo.cli import runs
+from sb3_trpo.masks import MaskedEvalCallback
 
 
 class SaveBestModel(BaseCallback):
@@ -66,6 +67,14 @@ class RunEvaluation(OneEvaluationEnvironment, EvalCallback):
     records the global timesteps: TRPO shows its callbacks the samples of all processes).
 
     :param eval_env: the evaluation environment
+    :param kwargs: ``EvalCallback``'s other arguments
+    """
+
+
+class MaskedRunEvaluation(OneEvaluationEnvironment, MaskedEvalCallback):
+    """:class:`RunEvaluation` acting with the evaluation environment's masks (:class:`sb3_trpo.masks.MaskedEvalCallback`).
+
+    :param eval_env: the evaluation environment, offering masks
     :param kwargs: ``EvalCallback``'s other arguments
     """
 

@@ -21,6 +21,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 
 from sb3_trpo.cli.presets import ALGORITHMS, CliError, algorithm_named
 from sb3_trpo.masks import INFO_KEY, METHOD, mask_sizes
+from sb3_trpo.masks import evaluate_policy as evaluate_with_masks
 from sb3_trpo.model_files import save_atomically
 from sb3_trpo.trpo import TRPO
 
@@ -345,7 +346,7 @@ def offers_action_masks(env_id: str, env_kwargs: dict[str, Any] | None = None) -
 
 def evaluate(model: BaseAlgorithm, env: VecEnv, episodes: int, deterministic: bool, masked: bool) -> tuple[list, list]:
     """The returns and lengths of ``episodes`` episodes, with the environment's invalid-action masks when ``masked``
-    (sb3-contrib's ``evaluate_policy``, which passes them to ``predict``), else SB3's ``evaluate_policy``.
+    (:func:`sb3_trpo.masks.evaluate_policy`), else SB3's ``evaluate_policy``.
 
     :param model: the model
     :param env: the evaluation environment (for ``masked``, one that offers masks: :func:`sb3_trpo.masks.with_action_masks`)
@@ -354,19 +355,11 @@ def evaluate(model: BaseAlgorithm, env: VecEnv, episodes: int, deterministic: bo
     :param masked: evaluate with masks
     """
     if masked:
-        from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_masked
-
-        # typed for MaskablePPO, it takes any model whose predict takes the masks
-        returns, lengths = evaluate_masked(
-            model,  # type: ignore[arg-type]
-            env,
-            n_eval_episodes=episodes,
-            deterministic=deterministic,
-            return_episode_rewards=True,
-            use_masking=True,
+        returns, lengths = evaluate_with_masks(
+            model, env, n_eval_episodes=episodes, deterministic=deterministic, return_episode_rewards=True
         )
     else:
         returns, lengths = evaluate_policy(
             model, env, n_eval_episodes=episodes, deterministic=deterministic, return_episode_rewards=True
         )
-    return list(returns), list(lengths)  # type: ignore[arg-type]
+    return list(returns), list(lengths)

@@ -19,7 +19,14 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 
 from sb3_trpo.cli import checkpointing, parallel, runs
 from sb3_trpo.cli import plan as plan_module
-from sb3_trpo.cli.callbacks import ResumedTensorBoard, RunEvaluation, RunProgressBar, SaveBestModel, TextProgress
+from sb3_trpo.cli.callbacks import (
+    MaskedRunEvaluation,
+    ResumedTensorBoard,
+    RunEvaluation,
+    RunProgressBar,
+    SaveBestModel,
+    TextProgress,
+)
 from sb3_trpo.cli.plan import (
     BATCH_SIZE_DEFAULT,
     DEFAULT_EVAL_EPISODES,
@@ -282,11 +289,8 @@ def _callbacks(
     evaluation = None
     if config["eval_freq"] > 0:
         assert eval_env is not None
-        evaluation_class: type[EvalCallback] = RunEvaluation
-        if config.get("action_masks", False):  # evaluated with the masks (sb3-contrib's evaluation, imported only here)
-            from sb3_trpo.cli.masked_evaluation import MaskedRunEvaluation
-
-            evaluation_class = MaskedRunEvaluation
+        masked = bool(config.get("action_masks", False))
+        evaluation_class: type[EvalCallback] = MaskedRunEvaluation if masked else RunEvaluation
         evaluation = evaluation_class(
             eval_env,
             n_eval_episodes=int(config["eval_episodes"]),
