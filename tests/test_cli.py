@@ -76,15 +76,15 @@ def acrobot_run(tmp_path_factory):
 
 def _evaluated_env(monkeypatch, argv):
     """Run ``sb3-trpo eval`` with ``argv`` and return the environment it evaluated on."""
-    import sb3_trpo.cli.evaluate
+    import sb3_trpo.cli.runs
 
     seen = []
 
-    def recording_evaluate_policy(model, env, **kwargs):
+    def recording_evaluate(model, env, episodes, deterministic, masked):
         seen.append(env)
         return [0.0], [1]
 
-    monkeypatch.setattr(sb3_trpo.cli.evaluate, "evaluate_policy", recording_evaluate_policy)
+    monkeypatch.setattr(sb3_trpo.cli.runs, "evaluate", recording_evaluate)
     assert main(["eval", *argv]) == 0
     (env,) = seen
     return env

@@ -97,16 +97,16 @@ def test_train_refuses_an_output_that_is_a_file(tmp_path, capsys):
 
 def _evaluated_env(folder, options):
     """Run ``sb3-trpo eval`` on ``folder`` and return the environment it evaluated on."""
-    import sb3_trpo.cli.evaluate
+    import sb3_trpo.cli.runs
 
     seen = []
 
-    def recording_evaluate_policy(model, env, **kwargs):
+    def recording_evaluate(model, env, episodes, deterministic, masked):
         seen.append(env)
         return [0.0], [1]
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(sb3_trpo.cli.evaluate, "evaluate_policy", recording_evaluate_policy)
+    patch.setattr(sb3_trpo.cli.runs, "evaluate", recording_evaluate)
     try:
         assert main(["eval", str(folder), "--episodes", "1", *options]) == 0
     finally:

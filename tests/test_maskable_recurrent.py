@@ -32,14 +32,6 @@ DAMPING = 0.1
 SMALL = dict(lstm_hidden_size=8)
 
 
-@pytest.fixture
-def float64_observations(monkeypatch):
-    """SB3's preprocessing turns Box observations into float32; these tests run the policy in float64 throughout."""
-    import stable_baselines3.common.policies
-
-    monkeypatch.setattr(stable_baselines3.common.policies, "preprocess_obs", lambda obs, space, normalize_images=True: obs)
-
-
 def tiny_policy(space: spaces.Space, seed: int = 0) -> MaskableRecurrentActorCriticPolicy:
     th.manual_seed(seed)
     policy = MaskableRecurrentActorCriticPolicy(

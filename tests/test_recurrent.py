@@ -35,14 +35,6 @@ WEIGHTS = [*[1, 1, 1, 1, 1], *[1, 1, 0, 0, 0], *[1, 1, 1, 1, 0]]
 EPISODE_STARTS = [0, 3, 5, 10]
 
 
-@pytest.fixture
-def float64_observations(monkeypatch):
-    """SB3's preprocessing turns Box observations into float32; these tests run the policy in float64 throughout."""
-    import stable_baselines3.common.policies
-
-    monkeypatch.setattr(stable_baselines3.common.policies, "preprocess_obs", lambda obs, space, normalize_images=True: obs)
-
-
 def tiny_recurrent_policy(space: spaces.Space, seed: int = 0) -> RecurrentActorCriticPolicy:
     th.manual_seed(seed)
     policy = RecurrentActorCriticPolicy(BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4, net_arch=dict(pi=[5], vf=[4]))

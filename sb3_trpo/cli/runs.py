@@ -327,7 +327,10 @@ def offers_action_masks(env_id: str, env_kwargs: dict[str, Any] | None = None) -
     :param env_id: ``ENV_ID`` or ``MODULE:ENV_ID`` (its module already imported)
     :param env_kwargs: keywords of ``gymnasium.make``
     """
-    env = gym.make(split_env_id(env_id)[1], **(env_kwargs or {}))
+    try:
+        env = gym.make(split_env_id(env_id)[1], **(env_kwargs or {}))
+    except (TypeError, ImportError, gym.error.Error):
+        return False  # an environment that cannot be made: make_env says why, in one line
     try:
         try:
             mask_sizes(env.action_space)
