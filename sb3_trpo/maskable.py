@@ -3,7 +3,7 @@
 It follows ``sb3_contrib.MaskablePPO``'s conventions and reuses its pieces: the maskable policies (whose
 distributions give masked actions a logit of -1e8, i.e. probability exactly 0 in float32, never ``-inf``), the
 rollout buffers that store each step's mask, and the mask utilities. sb3-contrib is an optional dependency,
-imported by this module only (``pip install "sb3-trpo[masking]"``).
+imported only by the modules of the classes that need it (``pip install "sb3-trpo[masking]"``).
 
 The masks stored with the rollout define the distributions of the whole update: the surrogate's ratios, the KL
 of the trust region, the Fisher matrix (``M = diag(p) - p pᵀ`` has zero rows and columns at masked actions; a

@@ -4,7 +4,7 @@ It follows ``sb3_contrib.RecurrentPPO``'s conventions and reuses its pieces: the
 (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``), the rollout buffers that store the LSTM states
 before each step and cut the rollout into padded sequences. It collects as ``RecurrentPPO``'s loop does
 (:func:`recurrent_collect_rollouts`, tested bit for bit against it), with masks for the maskable recurrent class.
-sb3-contrib is an optional dependency, imported by this module only (``pip install "sb3-trpo[recurrent]"``).
+sb3-contrib is an optional dependency, imported only by the modules that need it (``pip install "sb3-trpo[recurrent]"``).
 
 The policy step sees one set of sequences for everything: the buffer's ``get()`` cuts the rollout at a random
 point, so it is drawn once per update, and the surrogate, its gradient, every Fisher-vector product and every
