@@ -193,6 +193,8 @@ class MlpFisherProduct:
         self._size = size
         self._damping = damping
         self._scale = 1.0 / features.shape[0]
+        # for a masked categorical with few valid actions per state: the head's rows of those actions (see below)
+        self._gathered: tuple[th.Tensor, th.Tensor, th.Tensor] | None = None
         # f'(z) of every hidden layer at the old parameters, once: each product then multiplies by it (twice)
         self._derivatives: list[th.Tensor | None] = [None] * len(layers)
         for i, h in enumerate(hidden):
@@ -212,9 +214,32 @@ class MlpFisherProduct:
                 # the valid actions, 0 on a fully masked sub-space.
                 masks = th.split(valid.to(self._probs[0].dtype), [p.shape[1] for p in self._probs], dim=1)
                 self._probs = [p * mask for p, mask in zip(self._probs, masks, strict=True)]
+                self._gathered = self._gather_valid_actions(valid)
         else:
             sigmoid = th.sigmoid(self._params.tensors[0])
             self._bernoulli_metric = sigmoid * (1 - sigmoid)
+
+    def _gather_valid_actions(self, valid: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor] | None:
+        """The head's rows of each state's valid actions, when a single masked categorical leaves at most a quarter of
+        its ``n`` actions valid in every state (``None`` otherwise).
+
+        ``M = diag(p) - ppᵀ`` is zero outside the valid actions (``p = 0`` there), so only their logits' tangents and
+        cotangents matter: with ``k`` valid actions at most, the head's products cost ``N k`` rows instead of ``N n``
+        (one of ``n = 20,000`` costs as much as the whole update otherwise, ``benchmarks/README.md``). A state with
+        fewer valid actions is padded with invalid ones, whose ``p = 0`` makes them count for nothing.
+
+        :return: the actions ``(N, k)``, their masked probabilities ``(N, k)``, the head's weight rows ``(N, k, in)``
+        """
+        if len(self._probs) != 1 or self._layers[-1].derivative is not None:
+            return None
+        n_actions = valid.shape[1]
+        k = int(valid.sum(dim=1).max())
+        if k == 0 or 4 * k > n_actions:
+            return None
+        # valid actions first (a stable sort keeps their order), then padding
+        actions = th.argsort((~valid).to(th.int8), dim=1, stable=True)[:, :k]
+        probs = th.gather(self._probs[0], 1, actions)
+        return actions, probs, self._layers[-1].weight[actions]
 
     def _metric(self, head_tangent: th.Tensor) -> th.Tensor:
         """``(1/N) M`` applied to the head's output tangent (the mean, or the logits)."""
@@ -234,15 +259,22 @@ class MlpFisherProduct:
         result = th.empty(self._size, dtype=vector.dtype, device=vector.device)
         # J v: the tangent of every layer's output, layer by layer (forward mode)
         tangent = vector.new_zeros(())
-        for i, layer in enumerate(layers):
+        hidden_layers = len(layers) - 1 if self._gathered is not None else len(layers)
+        for i in range(hidden_layers):
+            layer = layers[i]
             z_tangent = th.addmm(vector[layer.bias_slice], inputs[i], vector[layer.weight_slice].view_as(layer.weight).T)
             if i > 0:
                 z_tangent = z_tangent.addmm_(tangent, layer.weight.T)
             derivative = self._derivatives[i]
             tangent = z_tangent if derivative is None else z_tangent.mul_(derivative)
-        # Jᵀ (M J v / N): back-propagation of the head's cotangent
-        cotangent = self._metric(tangent)
-        for i in range(len(layers) - 1, -1, -1):
+        if self._gathered is None:
+            # Jᵀ (M J v / N): back-propagation of the head's cotangent
+            cotangent = self._metric(tangent)
+            first = len(layers) - 1
+        else:
+            cotangent = self._gathered_head(vector, tangent, result)
+            first = len(layers) - 2
+        for i in range(first, -1, -1):
             layer = layers[i]
             th.mm(cotangent.T, inputs[i], out=result[layer.weight_slice].view_as(layer.weight))
             th.sum(cotangent, dim=0, out=result[layer.bias_slice])
@@ -254,3 +286,36 @@ class MlpFisherProduct:
             # std = exp(log_std), the same for every state: the block of F is (1/N) Σ σ · (2/σ²) · σ = 2 I
             result[self._log_std_slice] = 2.0 * vector[self._log_std_slice]
         return result + self._damping * vector if self._damping else result
+
+    def _gathered_head(self, vector: th.Tensor, tangent: th.Tensor, result: th.Tensor) -> th.Tensor:
+        """The head's part of ``Jᵀ M J v`` on each state's valid actions only (see :meth:`_gather_valid_actions`):
+        writes the head's block of ``result`` and returns the cotangent of the head's input.
+
+        :param vector: ``v``
+        :param tangent: the tangent of the head's input (0 for an actor without hidden layers)
+        :param result: the product being written
+        """
+        assert self._gathered is not None
+        actions, probs, rows = self._gathered
+        head, features = self._layers[-1], self._inputs[-1]
+        weight_tangent = vector[head.weight_slice].view_as(head.weight)
+        # the valid logits' tangents: b'[a] + w'[a]·x + w[a]·x'
+        z_tangent = vector[head.bias_slice][actions] + th.bmm(weight_tangent[actions], features.unsqueeze(2)).squeeze(2)
+        if len(self._layers) > 1:
+            z_tangent = z_tangent + th.bmm(rows, tangent.unsqueeze(2)).squeeze(2)
+        # (1/N) M restricted to them (p = 0 on the padding)
+        cotangent = self._scale * probs * (z_tangent - (probs * z_tangent).sum(dim=1, keepdim=True))
+        flat_actions = actions.reshape(-1)
+        weight_grad = result[head.weight_slice].view_as(head.weight)
+        weight_grad.zero_()
+        weight_grad.index_add_(
+            0, flat_actions, (cotangent.unsqueeze(2) * features.unsqueeze(1)).reshape(-1, features.shape[1])
+        )
+        bias_grad = result[head.bias_slice]
+        bias_grad.zero_()
+        bias_grad.index_add_(0, flat_actions, cotangent.reshape(-1))
+        if len(self._layers) == 1:
+            return cotangent.new_zeros(())
+        derivative = self._derivatives[-2]
+        assert derivative is not None
+        return th.bmm(cotangent.unsqueeze(1), rows).squeeze(1).mul_(derivative)

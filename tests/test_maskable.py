@@ -158,6 +158,51 @@ def test_masked_fisher_products_equal_the_explicit_hessian_of_the_masked_mean_kl
     assert not th.allclose(unmasked(v), hessian @ v + DAMPING * v, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("net_arch", [dict(pi=[5], vf=[4]), dict(pi=[], vf=[4])], ids=["hidden-layer", "head-only"])
+def test_few_valid_actions_among_many_use_the_gathered_head_and_equal_the_explicit_hessian(net_arch):
+    """40 actions with at most 8 valid per state (one state with a single one, one with none): the written-out product
+    runs the head over the valid actions only, and is still the Hessian of the masked mean KL."""
+    space = spaces.Discrete(40)
+    th.manual_seed(0)
+    policy = MaskableActorCriticPolicy(BOX_OBS, space, lambda _: 1e-3, net_arch=net_arch)
+    with th.no_grad():
+        for param in policy.action_net.parameters():
+            param.normal_(0.0, 0.8)
+    generator = np.random.default_rng(3)
+    n = 12
+    masks = np.zeros((n, 40), dtype=bool)
+    for i in range(n):
+        masks[i, generator.choice(40, int(generator.integers(2, 9)), replace=False)] = True
+    masks[1] = False
+    masks[1, 7] = True  # a single valid action: a point mass
+    masks[2] = False  # none: sb3-contrib's fixed uniform distribution
+    masks = th.as_tensor(masks)
+    BOX_OBS.seed(0)
+    obs = th.as_tensor(np.stack([BOX_OBS.sample() for _ in range(n)]))
+    with th.no_grad():
+        actions = policy.get_distribution(obs, action_masks=masks).sample()
+    actor = ActorView(policy, obs)
+    theta_old = actor.flat()
+    with th.no_grad():
+        old_raw = raw_logits(actor, theta_old, obs, actions)
+
+    def reference_mean_kl(theta: th.Tensor) -> th.Tensor:
+        return restricted_kl(old_raw, raw_logits(actor, theta, obs, actions), masks, [40]).mean()
+
+    hessian = th.autograd.functional.hessian(reference_mean_kl, theta_old)
+    written_out = mlp_fisher_product(actor, obs, DAMPING, masks)
+    assert written_out is not None
+    assert written_out._gathered is not None, "the product should run the head over the valid actions only"
+    theta = theta_old.clone().requires_grad_(True)
+    closed_form = JacobianFisherProduct(theta, actor.evaluate(theta, obs, actions, masks).params, damping=DAMPING)
+    generator_v = th.Generator().manual_seed(0)
+    for _ in range(3):
+        v = th.randn(actor.size, generator=generator_v)
+        expected = hessian @ v + DAMPING * v
+        th.testing.assert_close(written_out(v), expected, rtol=1e-4, atol=1e-5)
+        th.testing.assert_close(written_out(v), closed_form(v), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(MASKED_SPACES))
 def test_a_single_valid_action_gives_zero_kl_and_curvature_and_no_nan(name):
     space = MASKED_SPACES[name]
