@@ -154,11 +154,13 @@ class MaskableRecurrentActorCriticPolicy(_MaskedRecurrent, RecurrentActorCriticP
     Discrete, MultiDiscrete and MultiBinary actions: every method that makes a distribution takes ``action_masks``."""
 
 
-class MaskableRecurrentActorCriticCnnPolicy(_MaskedRecurrent, RecurrentActorCriticCnnPolicy):  # type: ignore[misc]  # adds keyword arguments
+# Subclasses of MaskableRecurrentActorCriticPolicy (as sb3-contrib's CNN and Dict forms subclass its MLP one), so the
+# class's policy check, and a user's isinstance, accept every alias.
+class MaskableRecurrentActorCriticCnnPolicy(MaskableRecurrentActorCriticPolicy, RecurrentActorCriticCnnPolicy):  # type: ignore[misc]  # adds keyword arguments
     """:class:`MaskableRecurrentActorCriticPolicy` reading images (sb3-contrib's ``CnnLstmPolicy``)."""
 
 
-class MaskableRecurrentMultiInputActorCriticPolicy(_MaskedRecurrent, RecurrentMultiInputActorCriticPolicy):  # type: ignore[misc]  # adds keyword arguments
+class MaskableRecurrentMultiInputActorCriticPolicy(MaskableRecurrentActorCriticPolicy, RecurrentMultiInputActorCriticPolicy):  # type: ignore[misc]  # adds keyword arguments
     """:class:`MaskableRecurrentActorCriticPolicy` reading Dict observations (sb3-contrib's ``MultiInputLstmPolicy``)."""
 
 

@@ -11,6 +11,7 @@ Modes:
 - ``update``: loads ``OUT_DIR/start.zip``, fills its rollout buffer with its share of ``OUT_DIR/rollout.npz``
   (environment column R), makes one ``train()`` call and writes its parameters to ``OUT_DIR/rank{R}.pt``
   (``WORKER_SETTINGS``: JSON of settings given to ``TRPO.load``, e.g. ``{"distributed_critic": "gradients"}``).
+- ``recurrent_update``: as ``update``, for RecurrentTRPO or MaskableRecurrentTRPO (LSTM states and masks included).
 """
 
 import json
@@ -190,22 +191,27 @@ RECURRENT_FIELDS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "c
 
 
 def recurrent_update(out: Path) -> None:
-    """As ``update``, for RecurrentTRPO: this rank's environment column of the rollout (LSTM states included), cut
-    into sequences at episode starts only (the buffer's random split fixed at 0, as in the single process)."""
-    from sb3_trpo import RecurrentTRPO
+    """As ``update``, for RecurrentTRPO (or, with ``WORKER_SETTINGS={"algorithm": "MaskableRecurrentTRPO"}``, the
+    maskable recurrent class, the rollout's masks included): this rank's environment column of the rollout (LSTM
+    states included), cut into sequences at episode starts only (the buffer's random split fixed at 0, as in the
+    single process)."""
+    import sb3_trpo
 
     np.random.randint = lambda *args, **kwargs: 0  # type: ignore[assignment]  # the buffer's split point
     rank = int(dist.get_rank()) if dist.is_initialized() else int(os.environ["RANK"])
     rollout = np.load(out / "rollout.npz")
     n_steps = rollout["rewards"].shape[0]
-    env = make_vec_env("CartPole-v1", n_envs=1)
-    model = RecurrentTRPO.load(out / "start.zip", env=env, distributed=True, batch_size=n_steps)
+    algorithm = getattr(sb3_trpo, json.loads(os.environ.get("WORKER_SETTINGS", "{}")).get("algorithm", "RecurrentTRPO"))
+    env = make_vec_env("CartPole-v1", n_envs=1)  # the spaces only: the rollout is given
+    model = algorithm.load(out / "start.zip", env=env, distributed=True, batch_size=n_steps)
     model.set_logger(Logger(folder=None, output_formats=[]))
     buffer = model.rollout_buffer
     for name in BUFFER_FIELDS:
         getattr(buffer, name)[:] = rollout[name][:, rank : rank + 1]
     for name in RECURRENT_FIELDS:  # (n_steps, layers, n_envs, hidden)
         getattr(buffer, name)[:] = rollout[name][:, :, rank : rank + 1]
+    if "action_masks" in rollout:  # (n_steps, n_envs, mask size)
+        buffer.action_masks[:] = rollout["action_masks"][:, rank : rank + 1]
     buffer.pos, buffer.full, buffer.generator_ready = buffer.buffer_size, True, False
     model.train()
     th.save({"final": flat_parameters(model), "logged": dict(model.logger.name_to_value)}, out / f"rank{rank}.pt")

@@ -56,7 +56,12 @@ def test_a_resumed_masked_run_stays_maskable(masked_run, tmp_path):
 @pytest.mark.parametrize(
     ("options", "algorithm", "masks"),
     [
-        (["--hyperparams", "policy=MlpLstmPolicy", "policy_kwargs={'lstm_hidden_size':8}"], "MaskableRecurrentTRPO", True),
+        # the one --hyperparams (a second replaces the first): RUN's settings and the policy
+        (
+            ["--hyperparams", *RUN[-3:], "policy=MlpLstmPolicy", "policy_kwargs={'lstm_hidden_size':8}"],
+            "MaskableRecurrentTRPO",
+            True,
+        ),
         (["--action-masks", "off"], "TRPO", False),
     ],
 )
@@ -67,6 +72,16 @@ def test_an_lstm_policy_trains_the_combined_class_and_masks_can_be_turned_off(op
     assert (config["algorithm"], config["action_masks"]) == (algorithm, masks)
     if masks:
         assert np.load(output / EVALUATIONS)["results"].min() >= 0.0
+    if algorithm == "MaskableRecurrentTRPO":  # resumed as such, evaluated with masks and the LSTM's states
+        assert main(["train", "--resume", str(output), "--timesteps", "320", "--no-progress-bar"]) == 0
+        assert json.loads((output / CONFIG).read_text())["algorithm"] == algorithm
+        assert algorithm_of(output / MODEL, config).__name__ == algorithm
+        results = np.load(output / EVALUATIONS)["results"]
+        assert len(results) == 5
+        assert results.min() >= 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "predict was called without action_masks"
+            assert main(["eval", str(output), "--episodes", "3"]) == 0
 
 
 def test_an_environment_without_masks_trains_trpo_and_masks_on_says_what_is_missing(tmp_path, capsys):

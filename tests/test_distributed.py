@@ -7,6 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -229,17 +230,27 @@ def test_recurrent_trpo_trains_data_parallel_with_identical_parameters(tmp_path)
     assert ranks[0]["num_timesteps"] == ranks[1]["num_timesteps"] == 2 * 2 * 64 * 3
 
 
-def test_recurrent_ranks_with_half_the_data_take_the_single_process_update(tmp_path, monkeypatch):
+class LeanMasks(gym.Wrapper):
+    """CartPole whose "push left" is illegal while the pole leans right by more than 0.02 rad: masks that change within
+    episodes of different lengths."""
+
+    def action_masks(self) -> np.ndarray:
+        return np.array([self.env.unwrapped.state[2] <= 0.02, True])
+
+
+@pytest.mark.parametrize("algorithm", ["RecurrentTRPO", "MaskableRecurrentTRPO"])
+def test_recurrent_ranks_with_half_the_data_take_the_single_process_update(algorithm, tmp_path, monkeypatch):
     """The ranks' episodes end at different steps, so their sequences and padded batches differ in number and
-    length; with padding that never counts, two ranks still take the one-process update."""
+    length; with padding that never counts (its masks included), two ranks still take the one-process update."""
     pytest.importorskip("sb3_contrib")
-    from sb3_trpo import RecurrentTRPO
+    import sb3_trpo
     from tests.distributed_worker import RECURRENT_FIELDS
 
     n_steps = 64
-    model = RecurrentTRPO(
+    masked = algorithm == "MaskableRecurrentTRPO"
+    model = getattr(sb3_trpo, algorithm)(
         "MlpLstmPolicy",
-        make_vec_env("CartPole-v1", n_envs=2, seed=0),
+        make_vec_env("CartPole-v1", n_envs=2, seed=0, wrapper_class=LeanMasks if masked else None),
         n_steps=n_steps,
         batch_size=2 * n_steps,  # one critic minibatch: the whole rollout (each rank: its half)
         n_critic_updates=2,
@@ -250,20 +261,23 @@ def test_recurrent_ranks_with_half_the_data_take_the_single_process_update(tmp_p
     callback = model._init_callback(None)
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
     model.save(tmp_path / "start")
-    fields = (*BUFFER_FIELDS, *RECURRENT_FIELDS)
+    fields = (*BUFFER_FIELDS, *RECURRENT_FIELDS, *(["action_masks"] if masked else []))
     np.savez(tmp_path / "rollout.npz", **{name: getattr(model.rollout_buffer, name) for name in fields})
     starts = model.rollout_buffer.episode_starts
-    assert starts[:, 0].sum() != starts[:, 1].sum(), "the ranks should hold different episode structures"
+    assert not np.array_equal(starts[:, 0], starts[:, 1]), "the ranks should hold different episode structures"
+    if masked:
+        masks = model.rollout_buffer.action_masks
+        assert 0 < (masks[..., 0] == 0).sum() < masks[..., 0].size, "the masks should change within the rollout"
 
     monkeypatch.setattr(np.random, "randint", lambda *args, **kwargs: 0)  # sequences cut at episode starts only
     model.set_logger(Logger(folder=None, output_formats=[]))
     model.train()
-    launch("recurrent_update", tmp_path)
+    launch("recurrent_update", tmp_path, {"algorithm": algorithm})
 
     rank0, rank1 = load_ranks(tmp_path)
     assert th.equal(rank0["final"], rank1["final"])
     single = flat_parameters(model)
-    assert not th.allclose(single, flat_parameters(RecurrentTRPO.load(tmp_path / "start.zip")))
+    assert not th.allclose(single, flat_parameters(type(model).load(tmp_path / "start.zip")))
     logged = dict(model.logger.name_to_value)
     for key in ("train/step_size", "train/kl_divergence_loss", "train/surrogate_improvement", "train/value_loss"):
         assert rank0["logged"][key] == pytest.approx(logged[key], rel=1e-4), key

@@ -24,7 +24,13 @@ from sb3_trpo.fisher import JacobianFisherProduct  # noqa: E402
 from sb3_trpo.maskable_recurrent import MaskableRecurrentActorCriticPolicy  # noqa: E402
 from sb3_trpo.policy_step import StepSettings, trust_region_step  # noqa: E402
 from sb3_trpo.recurrent import RecurrentEvaluator  # noqa: E402
-from tests.test_maskable import MASKED_SPACES, random_masks, restricted_kl, sub_space_sizes  # noqa: E402
+from tests.test_maskable import (  # noqa: E402
+    MASKED_SPACES,
+    MaskedEnvWithObservations,
+    random_masks,
+    restricted_kl,
+    sub_space_sizes,
+)
 from tests.test_masks import SOURCES, WithMethod  # noqa: E402
 from tests.test_recurrent import EPISODE_STARTS, WEIGHTS  # noqa: E402
 
@@ -332,6 +338,65 @@ def test_what_a_user_passes_in_is_checked(kwargs, match):
     env = kwargs.pop("env", None) or make_vec_env(WithMethod, n_envs=1)
     with pytest.raises(ValueError, match=match):
         MaskableRecurrentTRPO(policy, env, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("policy", "observation_space"),
+    [
+        ("CnnLstmPolicy", spaces.Box(0, 255, (36, 36, 1), np.uint8)),
+        ("MultiInputLstmPolicy", spaces.Dict({"x": spaces.Box(-1.0, 1.0, (3,)), "k": spaces.Discrete(3)})),
+    ],
+)
+def test_the_cnn_and_multi_input_aliases_train_with_masks(policy, observation_space):
+    from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+
+    env = make_vec_env(lambda: MaskedEnvWithObservations(observation_space), n_envs=2, seed=0)
+    kwargs: dict[str, Any] = dict(lstm_hidden_size=8, net_arch=[8])
+    if policy == "CnnLstmPolicy":
+        kwargs["features_extractor_kwargs"] = dict(features_dim=16)
+    model = MaskableRecurrentTRPO(policy, env, n_steps=16, batch_size=16, seed=0, policy_kwargs=kwargs)
+    assert isinstance(model.policy, MaskableRecurrentTRPO.policy_aliases[policy])
+    assert isinstance(model.policy, RecurrentActorCriticPolicy)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(64)  # the environment asserts that every action it receives is legal
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert any(not th.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
+
+
+def test_logged_keys_are_trpos():
+    def keys(model: Any) -> set[str]:
+        model.learn(64)
+        return {key for key in model.logger.name_to_value if key.startswith("train/")}
+
+    kwargs: dict[str, Any] = dict(n_steps=32, batch_size=16, seed=0, policy_kwargs=SMALL)
+    masked = keys(MaskableRecurrentTRPO("MlpLstmPolicy", make_vec_env(Recall, n_envs=2, seed=0), **kwargs))
+    recurrent = keys(RecurrentTRPO("MlpLstmPolicy", make_vec_env(Recall, n_envs=2, seed=0), **kwargs))
+    assert masked == recurrent
+    assert {"train/kl_divergence_loss", "train/step_size", "train/is_line_search_success"} <= masked
+
+
+def test_non_finite_observations_stop_training_with_the_model_unchanged():
+    from sb3_trpo.trpo import NonFiniteRolloutError
+
+    class NaNAfter(gym.Wrapper):
+        def __init__(self, env: gym.Env) -> None:
+            super().__init__(env)
+            self.t = 0
+
+        def step(self, action: Any) -> Any:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self.t += 1  # inside the first episode (of 5 steps): not a terminal observation
+            return (obs * np.nan if self.t == 3 else obs), reward, terminated, truncated, info
+
+        def action_masks(self) -> np.ndarray:
+            return self.env.unwrapped.action_masks()
+
+    env = make_vec_env(lambda: NaNAfter(Recall()), n_envs=1, seed=0)
+    model = MaskableRecurrentTRPO("MlpLstmPolicy", env, n_steps=16, batch_size=16, seed=0, policy_kwargs=SMALL)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    with pytest.raises(NonFiniteRolloutError, match="non-finite observations"):
+        model.learn(32)
+    assert all(th.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
 
 
 @pytest.mark.slow
