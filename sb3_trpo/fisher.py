@@ -134,6 +134,144 @@ class JacobianFisherProduct:
         return self.vjp(scaled) + self._damping * vector
 
 
+def gather_valid_actions(
+    valid: th.Tensor, probs: th.Tensor, real: th.Tensor | None = None
+) -> tuple[th.Tensor, th.Tensor] | None:
+    """Each state's valid actions, when a masked categorical leaves at most a quarter of its ``n`` actions valid in
+    every (real) state, for a Fisher product that runs the policy's head over those actions only.
+
+    ``M = diag(p) - ppᵀ`` is zero outside the valid actions (``p = 0`` there), so only their logits' tangents and
+    cotangents matter: with ``k`` valid actions at most, the head's products cost ``N k`` rows instead of ``N n``
+    (one of ``n = 20,000`` costs as much as the whole update otherwise, ``benchmarks/README.md``). A state with
+    fewer valid actions is padded with invalid ones, whose ``p = 0`` makes them count for nothing.
+
+    :param valid: which actions each state may take, ``(N, n)`` (bool)
+    :param probs: the masked probabilities, ``(N, n)`` (0 at invalid actions)
+    :param real: which states count (``None``: all); the others (padding of a batch of sequences, whose masks allow
+        every action) neither decide ``k`` nor may be read by the product
+    :return: the actions ``(N, k)`` and their masked probabilities ``(N, k)``, or ``None`` when the head's full
+        products are as cheap
+    """
+    n_actions = valid.shape[1]
+    counted = valid if real is None else valid & real.reshape(-1, 1)
+    k = int(counted.sum(dim=1).max())
+    if k == 0 or 4 * k > n_actions:
+        return None
+    # valid actions first (a stable sort keeps their order), then padding
+    actions = th.argsort((~valid).to(th.int8), dim=1, stable=True)[:, :k]
+    return actions, th.gather(probs, 1, actions)
+
+
+def gathered_head_product(
+    actions: th.Tensor,
+    probs: th.Tensor,
+    scale: float | th.Tensor,
+    rows: th.Tensor,
+    head_input: th.Tensor,
+    input_tangent: th.Tensor | None,
+    weight_tangent: th.Tensor,
+    bias_tangent: th.Tensor,
+    weight_out: th.Tensor,
+    bias_out: th.Tensor,
+) -> th.Tensor:
+    """The part of ``Jᵀ M J v`` of a linear head ``z = W x + b`` of a masked categorical, on each state's valid
+    actions only (see :func:`gather_valid_actions`): writes the head's block and returns the cotangent of its input.
+
+    :param actions: each state's valid actions, ``(N, k)``
+    :param probs: their masked probabilities, ``(N, k)`` (0 on the padding)
+    :param scale: each state's weight in the mean KL, a number or ``(N, 1)`` (0: a state that does not count)
+    :param rows: the head's weight rows of those actions at the old parameters, ``W[actions]``, ``(N, k, in)``
+    :param head_input: the head's input ``x`` at the old parameters, ``(N, in)``
+    :param input_tangent: ``x'``, the tangent of the head's input along ``v`` (``None``: ``x`` does not depend on θ)
+    :param weight_tangent: ``W'``, the head weight's part of ``v``, ``(n, in)``
+    :param bias_tangent: ``b'``, the head bias's part of ``v``, ``(n,)``
+    :param weight_out: where the head weight's part of the product is written, ``(n, in)``
+    :param bias_out: where the head bias's part is written, ``(n,)``
+    :return: the cotangent of the head's input ``(N, in)``, before the layers below it
+    """
+    # the valid logits' tangents: b'[a] + W'[a]·x + W[a]·x'
+    z_tangent = bias_tangent[actions] + th.bmm(weight_tangent[actions], head_input.unsqueeze(2)).squeeze(2)
+    if input_tangent is not None:
+        z_tangent = z_tangent + th.bmm(rows, input_tangent.unsqueeze(2)).squeeze(2)
+    # M restricted to them (p = 0 on the padding), weighted; a state that does not count is selected away, not
+    # multiplied by 0 (its input may be anything)
+    cotangent = scale * probs * (z_tangent - (probs * z_tangent).sum(dim=1, keepdim=True))
+    if isinstance(scale, th.Tensor):
+        cotangent = th.where(scale > 0, cotangent, 0.0)
+    flat_actions = actions.reshape(-1)
+    weight_out.zero_()
+    weight_out.index_add_(0, flat_actions, (cotangent.unsqueeze(2) * head_input.unsqueeze(1)).reshape(-1, head_input.shape[1]))
+    bias_out.zero_()
+    bias_out.index_add_(0, flat_actions, cotangent.reshape(-1))
+    return th.bmm(cotangent.unsqueeze(1), rows).squeeze(1)
+
+
+class GatheredHeadFisherProduct:
+    """``v ↦ (Jᵀ M J + damping·I) v`` for a masked categorical with few valid actions whose logits are a linear head
+    over a latent computed by any network (an LSTM's), weighted per state as :class:`JacobianFisherProduct`.
+
+    ``J`` splits at the head's input ``x``: ``z = W x(θ_body) + b``. The body's ``x' = J_x v`` and ``J_xᵀ u`` go
+    through autograd (reverse over reverse, on the graph of the gradient's forward pass), the head's products run
+    over each state's valid actions only (:func:`gathered_head_product`): the action count enters only through the
+    ``n``-row index-adds, not through ``N x n`` logits.
+
+    :param theta: the flat actor parameters, a leaf tensor with ``requires_grad``
+    :param head_input: the head's input ``x`` of the ``N`` states computed from ``theta``, graph kept
+    :param weight: the head's weight at the old parameters, ``(n, in)``
+    :param weight_slice: where it lies in the flat parameters (row-major)
+    :param bias_slice: where the head's bias lies
+    :param gathered: each state's valid actions and their masked probabilities (:func:`gather_valid_actions`)
+    :param weights: each state's weight in the mean KL (0 for padding)
+    :param damping: Tikhonov damping added to ``F``
+    """
+
+    def __init__(
+        self,
+        theta: th.Tensor,
+        head_input: th.Tensor,
+        weight: th.Tensor,
+        weight_slice: slice,
+        bias_slice: slice,
+        gathered: tuple[th.Tensor, th.Tensor],
+        weights: th.Tensor,
+        damping: float = 0.0,
+    ) -> None:
+        self._theta, self._input = theta, head_input
+        self._at = head_input.detach()
+        self._weight, self._weight_slice, self._bias_slice = weight.detach(), weight_slice, bias_slice
+        self._actions, self._probs = gathered
+        self._rows = self._weight[self._actions]
+        self._scale = (weights / weights.sum()).reshape(-1, 1)
+        self._damping = damping
+        self._depends = head_input.requires_grad  # an input with no history (no body parameter in the actor)
+        if self._depends:
+            self._probe = th.zeros_like(head_input, requires_grad=True)
+            (self._transpose,) = th.autograd.grad(head_input, theta, self._probe, create_graph=True)
+
+    def __call__(self, vector: th.Tensor) -> th.Tensor:
+        input_tangent = None
+        if self._depends:  # x' = J_x v, reverse over reverse (see JacobianFisherProduct)
+            (input_tangent,) = th.autograd.grad(self._transpose, self._probe, vector, retain_graph=True)
+        result = th.zeros_like(vector)
+        input_cotangent = gathered_head_product(
+            self._actions,
+            self._probs,
+            self._scale,
+            self._rows,
+            self._at,
+            input_tangent,
+            vector[self._weight_slice].view_as(self._weight),
+            vector[self._bias_slice],
+            result[self._weight_slice].view_as(self._weight),
+            result[self._bias_slice],
+        )
+        if self._depends:
+            (body,) = th.autograd.grad(self._input, self._theta, input_cotangent, retain_graph=True)
+            # the body's block (the head's slices of J_xᵀ u are 0: x does not depend on W and b)
+            result = result + body
+        return result + self._damping * vector if self._damping else result
+
+
 class MlpLayer(NamedTuple):
     """One layer of an MLP actor, as :class:`MlpFisherProduct` needs it.
 
@@ -220,25 +358,17 @@ class MlpFisherProduct:
             self._bernoulli_metric = sigmoid * (1 - sigmoid)
 
     def _gather_valid_actions(self, valid: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor] | None:
-        """The head's rows of each state's valid actions, when a single masked categorical leaves at most a quarter of
-        its ``n`` actions valid in every state (``None`` otherwise).
-
-        ``M = diag(p) - ppᵀ`` is zero outside the valid actions (``p = 0`` there), so only their logits' tangents and
-        cotangents matter: with ``k`` valid actions at most, the head's products cost ``N k`` rows instead of ``N n``
-        (one of ``n = 20,000`` costs as much as the whole update otherwise, ``benchmarks/README.md``). A state with
-        fewer valid actions is padded with invalid ones, whose ``p = 0`` makes them count for nothing.
+        """The head's rows of each state's valid actions (:func:`gather_valid_actions`), for a single masked
+        categorical whose head is the last layer.
 
         :return: the actions ``(N, k)``, their masked probabilities ``(N, k)``, the head's weight rows ``(N, k, in)``
         """
         if len(self._probs) != 1 or self._layers[-1].derivative is not None:
             return None
-        n_actions = valid.shape[1]
-        k = int(valid.sum(dim=1).max())
-        if k == 0 or 4 * k > n_actions:
+        gathered = gather_valid_actions(valid, self._probs[0])
+        if gathered is None:
             return None
-        # valid actions first (a stable sort keeps their order), then padding
-        actions = th.argsort((~valid).to(th.int8), dim=1, stable=True)[:, :k]
-        probs = th.gather(self._probs[0], 1, actions)
+        actions, probs = gathered
         return actions, probs, self._layers[-1].weight[actions]
 
     def _metric(self, head_tangent: th.Tensor) -> th.Tensor:
@@ -288,8 +418,8 @@ class MlpFisherProduct:
         return result + self._damping * vector if self._damping else result
 
     def _gathered_head(self, vector: th.Tensor, tangent: th.Tensor, result: th.Tensor) -> th.Tensor:
-        """The head's part of ``Jᵀ M J v`` on each state's valid actions only (see :meth:`_gather_valid_actions`):
-        writes the head's block of ``result`` and returns the cotangent of the head's input.
+        """The head's part of ``Jᵀ M J v`` on each state's valid actions only (:func:`gathered_head_product`):
+        writes the head's block of ``result`` and returns the cotangent of the layer below the head.
 
         :param vector: ``v``
         :param tangent: the tangent of the head's input (0 for an actor without hidden layers)
@@ -297,25 +427,21 @@ class MlpFisherProduct:
         """
         assert self._gathered is not None
         actions, probs, rows = self._gathered
-        head, features = self._layers[-1], self._inputs[-1]
-        weight_tangent = vector[head.weight_slice].view_as(head.weight)
-        # the valid logits' tangents: b'[a] + w'[a]·x + w[a]·x'
-        z_tangent = vector[head.bias_slice][actions] + th.bmm(weight_tangent[actions], features.unsqueeze(2)).squeeze(2)
-        if len(self._layers) > 1:
-            z_tangent = z_tangent + th.bmm(rows, tangent.unsqueeze(2)).squeeze(2)
-        # (1/N) M restricted to them (p = 0 on the padding)
-        cotangent = self._scale * probs * (z_tangent - (probs * z_tangent).sum(dim=1, keepdim=True))
-        flat_actions = actions.reshape(-1)
-        weight_grad = result[head.weight_slice].view_as(head.weight)
-        weight_grad.zero_()
-        weight_grad.index_add_(
-            0, flat_actions, (cotangent.unsqueeze(2) * features.unsqueeze(1)).reshape(-1, features.shape[1])
+        head = self._layers[-1]
+        cotangent = gathered_head_product(
+            actions,
+            probs,
+            self._scale,
+            rows,
+            self._inputs[-1],
+            tangent if len(self._layers) > 1 else None,
+            vector[head.weight_slice].view_as(head.weight),
+            vector[head.bias_slice],
+            result[head.weight_slice].view_as(head.weight),
+            result[head.bias_slice],
         )
-        bias_grad = result[head.bias_slice]
-        bias_grad.zero_()
-        bias_grad.index_add_(0, flat_actions, cotangent.reshape(-1))
         if len(self._layers) == 1:
             return cotangent.new_zeros(())
         derivative = self._derivatives[-2]
         assert derivative is not None
-        return th.bmm(cotangent.unsqueeze(1), rows).squeeze(1).mul_(derivative)
+        return cotangent.mul_(derivative)

@@ -13,7 +13,9 @@ that takes them too). This module adds only what neither has, because sb3-contri
   (:class:`MaskableRecurrentRolloutBuffer`, :class:`MaskableRecurrentDictRolloutBuffer`);
 
 and the class that picks them. A padded row's mask is all-valid (a finite distribution), and padding counts for
-nothing in the step whatever it holds.
+nothing in the step whatever it holds. With few valid actions among many (at most a quarter in every real step), the
+Fisher-vector product runs the policy's head over each step's valid actions only
+(:class:`~sb3_trpo.fisher.GatheredHeadFisherProduct`), as MaskableTRPO's written-out product does.
 """
 
 from collections.abc import Generator, Iterator
@@ -22,6 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
@@ -40,9 +43,12 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
         'install it with `pip install "sb3-trpo[masking]"` (or `pip install sb3-contrib`).'
     ) from error
 
+from sb3_trpo.actor import ActorView, PolicyEvaluation
+from sb3_trpo.fisher import FisherProduct, GatheredHeadFisherProduct, gather_valid_actions
 from sb3_trpo.maskable import MaskedTRPO
 from sb3_trpo.masks import mask_sizes
-from sb3_trpo.recurrent import RecurrentTRPO
+from sb3_trpo.recurrent import RecurrentEvaluator, RecurrentTRPO
+from sb3_trpo.trpo import RolloutBatch
 
 __all__ = [
     "CnnLstmPolicy",
@@ -220,6 +226,69 @@ class MaskableRecurrentDictRolloutBuffer(_StoresMasks, RecurrentDictRolloutBuffe
     """sb3-contrib's ``RecurrentDictRolloutBuffer`` that also stores each step's action masks."""
 
 
+def _head_slices(actor: ActorView) -> tuple[th.nn.Linear, slice, slice] | None:
+    """The head and where its weight and bias lie in the flat actor parameters, when the policy's logits are its
+    ``action_net`` (a biased linear layer) of the latent, masked, for a Discrete action space (``None`` otherwise: a
+    custom distribution, head or method, MultiDiscrete or MultiBinary actions, a frozen head)."""
+    policy = actor.policy
+    head = getattr(policy, "action_net", None)
+    standard = type(policy)._get_action_dist_from_latent is _MaskedRecurrent._get_action_dist_from_latent
+    if (
+        not isinstance(policy, MaskableRecurrentActorCriticPolicy)
+        or not standard
+        or "_get_action_dist_from_latent" in vars(policy)  # replaced on the instance
+        or not isinstance(policy.action_space, spaces.Discrete)
+        or type(head) is not th.nn.Linear
+        or head.bias is None
+    ):
+        return None
+    offsets = np.cumsum([0, *actor.numels])
+    where = {id(param): slice(int(offsets[i]), int(offsets[i + 1])) for i, param in enumerate(actor.parameters)}
+    if id(head.weight) not in where or id(head.bias) not in where:
+        return None
+    return head, where[id(head.weight)], where[id(head.bias)]
+
+
+class MaskedRecurrentEvaluator(RecurrentEvaluator):
+    """:class:`~sb3_trpo.recurrent.RecurrentEvaluator` whose Fisher-vector product, with few valid actions among many
+    (:func:`~sb3_trpo.fisher.gather_valid_actions`), runs the head over each step's valid actions only: the LSTM and
+    the layers below the head through autograd, the head written out (:class:`~sb3_trpo.fisher.GatheredHeadFisherProduct`).
+    Otherwise, and for heads it does not know, autograd's product over every logit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head = _head_slices(self.actor) if self._masks is not None else None
+        # the head's input of the last evaluation with a graph, and the logits it gave
+        self._head_input: tuple[th.Tensor, th.Tensor] | None = None
+
+    def evaluate(self, theta: th.Tensor) -> PolicyEvaluation:
+        if self._head is None or not theta.requires_grad:
+            return super().evaluate(theta)
+        captured: list[th.Tensor] = []
+        hook = self._head[0].register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        try:
+            evaluation = super().evaluate(theta)
+        finally:
+            hook.remove()
+        self._head_input = (evaluation.params.tensors[0], captured[0]) if len(captured) == 1 else None
+        return evaluation
+
+    def fisher_product(self, theta: th.Tensor, current: PolicyEvaluation) -> FisherProduct:
+        if self._head is None or self._head_input is None or self._head_input[0] is not current.params.tensors[0]:
+            return super().fisher_product(theta, current)
+        assert self._masks is not None
+        assert self.weights is not None
+        valid = self._masks.bool()
+        probs = th.softmax(current.params.tensors[0].detach(), dim=-1) * valid
+        gathered = gather_valid_actions(valid, probs, real=self.weights > 0)
+        if gathered is None:
+            return super().fisher_product(theta, current)
+        head, weight_slice, bias_slice = self._head
+        return GatheredHeadFisherProduct(
+            theta, self._head_input[1], head.weight, weight_slice, bias_slice, gathered, self.weights, self._damping
+        )
+
+
 class MaskableRecurrentTRPO(MaskedTRPO, RecurrentTRPO):
     """
     Trust Region Policy Optimization with recurrent (LSTM) policies and invalid-action masks.
@@ -253,3 +322,10 @@ class MaskableRecurrentTRPO(MaskedTRPO, RecurrentTRPO):
 
     def __init__(self, policy: str | type[MaskableRecurrentActorCriticPolicy], env: GymEnv | str, **kwargs: Any):
         super().__init__(policy, env, **kwargs)
+
+    def _evaluator(self, actor: ActorView, batch: RolloutBatch) -> RecurrentEvaluator:
+        assert batch.context is not None
+        assert batch.weights is not None
+        return MaskedRecurrentEvaluator(
+            actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping, batch.action_masks
+        )

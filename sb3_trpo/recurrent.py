@@ -422,13 +422,19 @@ class RecurrentTRPO(TRPO):
             weights=weights,
         )
 
+    def _evaluator(self, actor: ActorView, batch: RolloutBatch) -> RecurrentEvaluator:
+        """The policy step's view of the rollout's sequences (a variant may compute its Fisher product otherwise)."""
+        assert batch.context is not None
+        assert batch.weights is not None
+        return RecurrentEvaluator(
+            actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping, batch.action_masks
+        )
+
     def _policy_step(self, actor: ActorView, batch: RolloutBatch, target_kl: float) -> PolicyStepResult:
         """The trust-region step on the rollout's sequences, in evaluation mode (no dropout inside the step)."""
         assert batch.context is not None
         assert batch.weights is not None
-        evaluator = RecurrentEvaluator(
-            actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping, batch.action_masks
-        )
+        evaluator = self._evaluator(actor, batch)
         self.policy.set_training_mode(False)
         try:
             step = trust_region_step(

@@ -20,8 +20,12 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from sb3_trpo import MaskableRecurrentTRPO, MaskableTRPO, RecurrentTRPO  # noqa: E402
 from sb3_trpo.actor import ActorView  # noqa: E402
 from sb3_trpo.distributed import Replica  # noqa: E402
-from sb3_trpo.fisher import JacobianFisherProduct  # noqa: E402
-from sb3_trpo.maskable_recurrent import MaskableRecurrentActorCriticPolicy  # noqa: E402
+from sb3_trpo.fisher import GatheredHeadFisherProduct, JacobianFisherProduct  # noqa: E402
+from sb3_trpo.maskable_recurrent import (  # noqa: E402
+    MaskableRecurrentActorCriticPolicy,
+    MaskedRecurrentEvaluator,
+    _head_slices,
+)
 from sb3_trpo.policy_step import StepSettings, trust_region_step  # noqa: E402
 from sb3_trpo.recurrent import RecurrentEvaluator  # noqa: E402
 from tests.test_maskable import (  # noqa: E402
@@ -105,6 +109,87 @@ def test_fisher_products_equal_the_explicit_hessian_of_the_masked_mean_kl_over_s
         expected = hessian @ v + DAMPING * v
         th.testing.assert_close(product(v), expected, rtol=1e-7, atol=1e-9)
     assert not th.allclose(unmasked(v), expected, rtol=1e-3, atol=1e-5)  # the masks make another matrix
+
+
+@pytest.mark.parametrize("net_arch", [dict(pi=[5], vf=[4]), dict(pi=[], vf=[4])], ids=["hidden-layer", "head-on-lstm"])
+def test_few_valid_actions_among_many_use_the_gathered_head_over_sequences_and_equal_the_explicit_hessian(
+    net_arch, float64_observations
+):
+    """40 actions with at most 8 valid in each real step (one with a single one, one with none) and every action
+    valid in the padding: the product runs the head over the valid actions only, the LSTM through autograd, and is
+    still the Hessian of the masked mean KL over the real steps."""
+    th.manual_seed(0)
+    policy = MaskableRecurrentActorCriticPolicy(
+        BOX_OBS, spaces.Discrete(40), lambda _: 1e-3, lstm_hidden_size=4, net_arch=net_arch
+    )
+    with th.no_grad():
+        for param in policy.action_net.parameters():
+            param.normal_(0.0, 0.8)
+    policy = policy.double()
+    batch = masked_sequences(policy, spaces.Discrete(40), fully_masked=False)
+    obs, context, weights = batch["obs"], batch["context"], batch["weights"]
+    generator = np.random.default_rng(3)
+    masks = np.ones((len(weights), 40), dtype=bool)  # the padding's masks: every action
+    for i in np.flatnonzero(WEIGHTS):
+        masks[i] = False
+        masks[i, generator.choice(40, int(generator.integers(2, 9)), replace=False)] = True
+    masks[1] = False
+    masks[1, 7] = True  # a single valid action: a point mass
+    masks[3] = False  # none: sb3-contrib's fixed uniform distribution
+    masks = th.as_tensor(masks)
+    with th.no_grad():
+        actions = policy.get_distribution(obs, *context, action_masks=masks)[0].sample()
+    actor = ActorView(policy, obs, context)
+    theta_old = actor.flat()
+
+    def raw_logits(theta: th.Tensor) -> th.Tensor:
+        return actor.evaluate(theta, obs, actions, context=context).params.tensors[0]
+
+    with th.no_grad():
+        old_raw = raw_logits(theta_old)
+
+    def masked_mean_kl(theta: th.Tensor) -> th.Tensor:
+        kl = restricted_kl(old_raw, raw_logits(theta), masks, [40])
+        return (kl * weights).sum() / weights.sum()
+
+    hessian = th.autograd.functional.hessian(masked_mean_kl, theta_old)
+    theta = theta_old.clone().requires_grad_(True)
+    evaluator = MaskedRecurrentEvaluator(actor, obs, actions, context, weights, DAMPING, masks)
+    product = evaluator.fisher_product(theta, evaluator.evaluate(theta))
+    assert isinstance(product, GatheredHeadFisherProduct), "the head should run over the valid actions only"
+    autograd = RecurrentEvaluator(actor, obs, actions, context, weights, DAMPING, masks)
+    full = autograd.fisher_product(theta, autograd.evaluate(theta))
+    generator_v = th.Generator().manual_seed(1)
+    for _ in range(3):
+        v = th.randn(actor.size, generator=generator_v, dtype=th.float64)
+        expected = hessian @ v + DAMPING * v
+        th.testing.assert_close(product(v), expected, rtol=1e-7, atol=1e-9)
+        th.testing.assert_close(product(v), full(v), rtol=1e-7, atol=1e-9)
+
+
+def test_the_gathered_head_is_taken_only_where_it_applies(float64_observations):
+    """Where more than a quarter of the actions are valid in some real step, or the action space is not Discrete, the
+    product is autograd's over every logit."""
+    space = spaces.Discrete(40)
+    policy = MaskableRecurrentActorCriticPolicy(BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4).double()
+    batch = masked_sequences(policy, space, fully_masked=False)
+    obs, actions, context, weights = batch["obs"], batch["actions"], batch["context"], batch["weights"]
+    actor = ActorView(policy, obs, context)
+    theta = actor.flat().requires_grad_(True)
+    many = th.zeros(len(weights), 40, dtype=th.bool)
+    many[:, :8] = True
+    many[0, :11] = True  # 11 of 40 in one real step
+    few = many.clone()
+    few[0, 10] = few[0, 9] = few[0, 8] = False  # 10 of 40: a quarter
+    kinds = {}
+    for name, masks in (("many", many), ("few", few)):
+        evaluator = MaskedRecurrentEvaluator(actor, obs, actions, context, weights, DAMPING, masks)
+        kinds[name] = type(evaluator.fisher_product(theta, evaluator.evaluate(theta)))
+    assert kinds == {"many": JacobianFisherProduct, "few": GatheredHeadFisherProduct}
+    multi = MaskableRecurrentActorCriticPolicy(
+        BOX_OBS, spaces.MultiDiscrete([20, 20]), lambda _: 1e-3, lstm_hidden_size=4
+    ).double()
+    assert _head_slices(ActorView(multi, obs, context)) is None
 
 
 def _step(policy, batch, old_log_prob, advantages):
