@@ -5,7 +5,9 @@ actions (sb3-contrib #322); the long runs are tests (``tests/test_masks.py``, sl
 for ``N`` actions (20, 200, 2,000, 20,000), one rollout of 4 environments x 256 steps is collected, then ``train()``
 is timed (median of ``--repeats`` calls on the same rollout, one torch thread), with the Fisher-vector product alone
 (the written-out MLP product of the masked categorical) and, side by side, sb3-contrib's ``MaskablePPO.train()`` on
-the same rollout size with its defaults (10 epochs of minibatches of 64).
+the same rollout size with its defaults (10 epochs of minibatches of 64). ``MaskableRecurrentTRPO`` (an LSTM of 64 before
+the same MLP; sb3-contrib has no recurrent class with masks to set beside it) is timed the same way, with its Fisher-vector
+product over the padded sequences as its policy step builds it.
 
     python benchmarks/large_action_spaces.py [--repeats 5] [--actions 20 200 2000 20000]
 """
@@ -71,7 +73,10 @@ def _ready_model(cls: Any, n: int) -> Any:
     from sb3_trpo import MaskableTRPO
 
     env = make_vec_env(lambda: ManyActions(n), n_envs=4, seed=0)
-    model = cls("MlpPolicy", env, n_steps=256, batch_size=256 if cls is MaskableTRPO else 64, seed=0)
+    if cls.__name__ == "MaskableRecurrentTRPO":
+        model = cls("MlpLstmPolicy", env, n_steps=256, batch_size=256, seed=0, policy_kwargs=dict(lstm_hidden_size=64))
+    else:
+        model = cls("MlpPolicy", env, n_steps=256, batch_size=256 if cls is MaskableTRPO else 64, seed=0)
     model.learn(1024)
     model.set_logger(Logger(folder=None, output_formats=[]))
     model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
@@ -89,10 +94,22 @@ def _train_ms(model: Any, repeats: int) -> float:
     return _median_ms(train, repeats)
 
 
+def _recurrent_fisher_ms(model: Any, repeats: int) -> float:
+    """Median time of one Fisher-vector product of the maskable recurrent class, on the graph of the gradient's forward
+    pass through the rollout's padded sequences, as its policy step builds it."""
+    batch = model._rollout_batch()
+    actor = model._get_actor_view(batch)
+    evaluator = model._evaluator(actor, batch)
+    theta = actor.flat().detach().clone().requires_grad_(True)
+    product = evaluator.fisher_product(theta, evaluator.evaluate(theta))
+    vector = th.randn(actor.size)
+    return _median_ms(lambda: product(vector), repeats * 10)
+
+
 def measure(n: int, repeats: int) -> dict[str, float]:
     from sb3_contrib import MaskablePPO
 
-    from sb3_trpo import MaskableTRPO
+    from sb3_trpo import MaskableRecurrentTRPO, MaskableTRPO
     from sb3_trpo.actor import mlp_fisher_product
 
     trpo = _ready_model(MaskableTRPO, n)
@@ -106,6 +123,8 @@ def measure(n: int, repeats: int) -> dict[str, float]:
         "MaskableTRPO train()": _train_ms(trpo, repeats),
         "Fisher-vector product": _median_ms(lambda: product(vector), repeats * 10),
         "MaskablePPO train()": _train_ms(_ready_model(MaskablePPO, n), repeats),
+        "MaskableRecurrentTRPO train()": _train_ms(recurrent := _ready_model(MaskableRecurrentTRPO, n), repeats),
+        "MaskableRecurrentTRPO Fisher-vector product": _recurrent_fisher_ms(recurrent, repeats),
     }
 
 
@@ -116,13 +135,15 @@ def main() -> None:
     args = parser.parse_args()
     th.set_num_threads(1)
     header = ["actions", "actor parameters", "MaskableTRPO `train()` ms", "one Fisher-vector product, ms"]
-    print(f"| {' | '.join([*header, 'MaskablePPO `train()` ms'])} |")
-    print("|---|---|---|---|---|")
+    recurrent = ["MaskableRecurrentTRPO `train()` ms", "its Fisher-vector product, ms"]
+    print(f"| {' | '.join([*header, 'MaskablePPO `train()` ms', *recurrent])} |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.actions:
         r = measure(n, args.repeats)
         print(
             f"| {n:,} | {int(r['actor parameters']):,} | {r['MaskableTRPO train()']:.1f} | {r['Fisher-vector product']:.2f} "
-            f"| {r['MaskablePPO train()']:.1f} |",
+            f"| {r['MaskablePPO train()']:.1f} | {r['MaskableRecurrentTRPO train()']:.1f} "
+            f"| {r['MaskableRecurrentTRPO Fisher-vector product']:.2f} |",
             flush=True,
         )
 
