@@ -20,6 +20,9 @@ states for the maskable classes: ``sb3_trpo.masks.evaluate_policy``) and at the 
 
     python benchmarks/masks_and_memory.py run --tasks recall minesweeper --seeds 0 1 2
     python benchmarks/masks_and_memory.py report      # results/masks_and_memory.md and .png
+
+A longer budget goes to its own folder (``--timesteps 1000000 --out benchmarks/results/masks_and_memory_1m``, the
+same ``--out`` for ``report``).
 """
 
 import argparse
@@ -120,8 +123,12 @@ def make_env(task: str) -> gym.Env:
     return MineSweeperCells(MineSweeperEasy())
 
 
-def run_one(task: str, algorithm: str, seed: int, out: Path) -> dict[str, Any]:
-    """Train and evaluate one (task, algorithm, seed), unless its result exists."""
+def run_one(task: str, algorithm: str, seed: int, out: Path, timesteps: int | None = None) -> dict[str, Any]:
+    """Train and evaluate one (task, algorithm, seed), unless its result exists.
+
+    :param timesteps: the budget (``None``: the task's, ``TASKS``)
+    """
+    budget = TASKS[task] if timesteps is None else timesteps
     run_dir = out / task / algorithm / f"seed{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
@@ -174,14 +181,14 @@ def run_one(task: str, algorithm: str, seed: int, out: Path) -> dict[str, Any]:
             return True
 
     begun = time.perf_counter()
-    model.learn(TASKS[task], callback=Evaluate())
+    model.learn(budget, callback=Evaluate())
     wall = time.perf_counter() - begun - evaluating[0]
     final = evaluate(100)
     result = {
         "task": task,
         "algorithm": algorithm,
         "seed": seed,
-        "timesteps": TASKS[task],
+        "timesteps": budget,
         "final_return": final,
         "best_return": max([*returns, final]),
         "train_seconds": wall,
@@ -192,8 +199,24 @@ def run_one(task: str, algorithm: str, seed: int, out: Path) -> dict[str, Any]:
     return result
 
 
+def random_legal_return(task: str, episodes: int = 1000, seed: int = 0) -> float:
+    """The mean return of a uniformly random legal action at every step: what masks alone, with neither memory nor
+    learning, score (the table's reference row)."""
+    env, generator = make_env(task), np.random.default_rng(seed)
+    total = 0.0
+    for episode in range(episodes):
+        env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            legal = np.flatnonzero(env.action_masks())  # type: ignore[attr-defined]
+            _, reward, terminated, truncated, _ = env.step(int(generator.choice(legal)))
+            total += reward
+            done = terminated or truncated
+    return total / episodes
+
+
 def report(out: Path) -> None:
-    """Write ``results/masks_and_memory.md`` (the table) and ``.png`` (the curves) from the finished runs."""
+    """Write ``<out>.md`` (the table) and ``<out>.png`` (the curves) from the finished runs in ``out``."""
     lines = [
         "| task | algorithm | seeds | final return | best evaluation | training time |",
         "|---|---|---|---|---|---|",
@@ -212,7 +235,9 @@ def report(out: Path) -> None:
                 f"| {task} | {algorithm} | {len(results)} | {np.mean(final):.2f} ± {np.std(final):.2f} | "
                 f"{np.mean(best):.2f} ± {np.std(best):.2f} | {np.mean(seconds):.0f} s |"
             )
-    (out.parent / "masks_and_memory.md").write_text("\n".join(lines) + "\n")
+        if task in curves:
+            lines.append(f"| {task} | *a random legal action (reference)* | | {random_legal_return(task):.2f} | | |")
+    out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
         import matplotlib
@@ -235,7 +260,7 @@ def report(out: Path) -> None:
         axis.set_ylabel("evaluation return (mean over seeds)")
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out.parent / "masks_and_memory.png", dpi=100)
+    figure.savefig(out.with_name(out.name + ".png"), dpi=100)
 
 
 def main() -> None:
@@ -244,7 +269,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the runs' folder; the report is <out>.md/.png")
+    parser.add_argument("--timesteps", type=int, default=None, help="every task's budget (default: its own)")
     args = parser.parse_args()
     if args.action == "report":
         report(args.out)
@@ -252,7 +278,7 @@ def main() -> None:
     for task in args.tasks:
         for seed in args.seeds:
             for algorithm in args.algorithms:
-                result = run_one(task, algorithm, seed, args.out)
+                result = run_one(task, algorithm, seed, args.out, args.timesteps)
                 print(
                     f"{task} {algorithm} seed {seed}: final {result['final_return']:.2f}, best {result['best_return']:.2f}, "
                     f"{result['train_seconds']:.0f} s",
