@@ -12,8 +12,9 @@ Tasks that need memory and have illegal actions:
 
 Algorithms: ``MaskableRecurrentTRPO``; ``RecurrentTRPO`` (no masks); ``MaskableTRPO`` with an MLP and with the last 4
 observations stacked (``VecFrameStack``); sb3-contrib's ``RecurrentPPO`` (no masks: sb3-contrib has no recurrent
-class with masks). All on 4 environments x 128 steps; the TRPO classes with ``target_kl=0.05`` (the value the
-learning test on Recall uses), RecurrentPPO with its defaults; LSTMs of 64, one hidden layer of 64. Each
+class with masks); ``TRPO`` with an MLP (neither). All on 4 environments x 128 steps; the TRPO classes with
+``target_kl=0.05`` (the value the learning test on Recall uses), RecurrentPPO with its defaults; LSTMs of 64, one
+hidden layer of 64. Each
 configuration is evaluated deterministically every ``EVAL_EVERY`` steps on 20 episodes (with the masks and the LSTM's
 states for the maskable classes: ``sb3_trpo.masks.evaluate_policy``) and at the end on 100. A run whose
 ``result.json`` exists is skipped, so the benchmark resumes where it stopped.
@@ -36,7 +37,7 @@ import numpy as np
 from gymnasium import spaces
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "masks_and_memory"
-ALGORITHMS = ("MaskableRecurrentTRPO", "RecurrentTRPO", "MaskableTRPO", "MaskableTRPO-4-frames", "RecurrentPPO")
+ALGORITHMS = ("MaskableRecurrentTRPO", "RecurrentTRPO", "MaskableTRPO", "MaskableTRPO-4-frames", "RecurrentPPO", "TRPO")
 MASKED = ("MaskableRecurrentTRPO", "MaskableTRPO", "MaskableTRPO-4-frames")
 TASKS = {"recall": 30_000, "minesweeper": 200_000}
 EVAL_EVERY = {"recall": 2_000, "minesweeper": 20_000}
@@ -139,7 +140,7 @@ def run_one(task: str, algorithm: str, seed: int, out: Path, timesteps: int | No
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecFrameStack
 
-    from sb3_trpo import MaskableRecurrentTRPO, MaskableTRPO, RecurrentTRPO
+    from sb3_trpo import TRPO, MaskableRecurrentTRPO, MaskableTRPO, RecurrentTRPO
     from sb3_trpo.masks import evaluate_policy
 
     th.set_num_threads(1)
@@ -160,6 +161,8 @@ def run_one(task: str, algorithm: str, seed: int, out: Path, timesteps: int | No
         model = RecurrentTRPO("MlpLstmPolicy", env, policy_kwargs=lstm, **trpo)
     elif algorithm.startswith("MaskableTRPO"):
         model = MaskableTRPO("MlpPolicy", env, policy_kwargs=dict(net_arch=[64]), **trpo)
+    elif algorithm == "TRPO":  # neither masks nor memory
+        model = TRPO("MlpPolicy", env, policy_kwargs=dict(net_arch=[64]), **trpo)
     else:
         model = RecurrentPPO("MlpLstmPolicy", env, policy_kwargs=lstm, **common)
 
