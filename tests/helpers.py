@@ -51,6 +51,19 @@ ACTION_SPACES: dict[str, spaces.Space] = {
 }
 
 
+class NaNAfter(gym.Wrapper):
+    """Turns the observation of the ``at``-th step (counted across episodes) into NaN."""
+
+    def __init__(self, env: gym.Env, at: int) -> None:
+        super().__init__(env)
+        self.at, self.count = at, 0
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.count += 1
+        return (obs * np.nan if self.count == self.at else obs), reward, terminated, truncated, info
+
+
 def tiny_policy(action_space: spaces.Space, seed: int = 0, **kwargs: Any) -> ActorCriticPolicy:
     """A small actor-critic policy on 3-D observations (the critic kept apart from the actor).
 

@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNorm
 
 from sb3_trpo import TRPO, lean_forward
 from sb3_trpo.lean_forward import LeanForward, lean_collection_gap
-from tests.helpers import ACTION_SPACES, RandomEnv
+from tests.helpers import ACTION_SPACES, NaNAfter, RandomEnv
 
 BUFFER_FIELDS = ("actions", "rewards", "episode_starts", "values", "log_probs", "advantages", "returns")
 
@@ -388,17 +388,6 @@ def test_fast_collection_is_validated_and_survives_save_and_load(tmp_path):
     model.save(tmp_path / "model")
     assert TRPO.load(tmp_path / "model").fast_collection is False
     assert TRPO.load(tmp_path / "model", fast_collection=True).fast_collection is True
-
-
-class NaNAfter(gym.Wrapper):
-    def __init__(self, env: gym.Env, at: int) -> None:
-        super().__init__(env)
-        self.at, self.count = at, 0
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.count += 1
-        return (obs * np.nan if self.count == self.at else obs), reward, terminated, truncated, info
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])

@@ -11,7 +11,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from tests.helpers import BOX_OBS, import_sb3_contrib
+from tests.helpers import BOX_OBS, NaNAfter, import_sb3_contrib
 
 import_sb3_contrib()  # a dev dependency: required in CI, skipped elsewhere without it
 
@@ -463,20 +463,12 @@ def test_logged_keys_are_trpos():
 def test_non_finite_observations_stop_training_with_the_model_unchanged():
     from sb3_trpo.trpo import NonFiniteRolloutError
 
-    class NaNAfter(gym.Wrapper):
-        def __init__(self, env: gym.Env) -> None:
-            super().__init__(env)
-            self.t = 0
-
-        def step(self, action: Any) -> Any:
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            self.t += 1  # inside the first episode (of 5 steps): not a terminal observation
-            return (obs * np.nan if self.t == 3 else obs), reward, terminated, truncated, info
-
+    class MaskedNaNAfter(NaNAfter):
         def action_masks(self) -> np.ndarray:
             return self.env.unwrapped.action_masks()
 
-    env = make_vec_env(lambda: NaNAfter(Recall()), n_envs=1, seed=0)
+    # the third step, inside the first episode (of 5 steps): not a terminal observation
+    env = make_vec_env(lambda: MaskedNaNAfter(Recall(), at=3), n_envs=1, seed=0)
     model = MaskableRecurrentTRPO("MlpLstmPolicy", env, n_steps=16, batch_size=16, seed=0, policy_kwargs=SMALL)
     before = [p.detach().clone() for p in model.policy.parameters()]
     with pytest.raises(NonFiniteRolloutError, match="non-finite observations"):

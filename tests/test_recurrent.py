@@ -12,7 +12,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv, import_sb3_contrib
+from tests.helpers import ACTION_SPACES, BOX_OBS, NaNAfter, RandomEnv, import_sb3_contrib
 
 import_sb3_contrib()  # a dev dependency: required in CI, skipped elsewhere without it
 
@@ -478,17 +478,7 @@ def test_multi_discrete_observations_build_train_and_round_trip(policy, observat
 def test_non_finite_observations_stop_training_with_the_model_unchanged():
     from sb3_trpo.trpo import NonFiniteRolloutError
 
-    class NaNAfter(gym.Wrapper):
-        def __init__(self, env: gym.Env) -> None:
-            super().__init__(env)
-            self.t = 0
-
-        def step(self, action: Any) -> Any:
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            self.t += 1
-            return (obs * np.nan if self.t == 5 else obs), reward, terminated, truncated, info
-
-    env = make_vec_env(lambda: NaNAfter(RandomEnv(BOX_OBS, SPACES["box"])), n_envs=1, seed=0)
+    env = make_vec_env(lambda: NaNAfter(RandomEnv(BOX_OBS, SPACES["box"]), at=5), n_envs=1, seed=0)
     model = RecurrentTRPO("MlpLstmPolicy", env, n_steps=16, batch_size=16, seed=0, policy_kwargs=dict(lstm_hidden_size=8))
     before = [p.detach().clone() for p in model.policy.parameters()]
     with pytest.raises(NonFiniteRolloutError, match="non-finite observations"):
