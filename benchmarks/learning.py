@@ -194,15 +194,25 @@ def run_one(
         eval_env = VecNormalize(eval_env, training=False, norm_reward=False)
 
     class TimedEval(EvalCallback):
-        """EvalCallback that adds up its own time, so training wall time can exclude evaluation."""
+        """EvalCallback that adds up its own time, so training wall time can exclude evaluation, and records the
+        training wall time at each evaluation (for curves against wall-clock time)."""
 
         seconds = 0.0
+        began = 0.0
+        train_seconds_at: list[tuple[int, float]]
+
+        def _on_training_start(self) -> None:
+            super()._on_training_start()
+            self.began, self.train_seconds_at = time.perf_counter(), []
 
         def _on_step(self) -> bool:
             start = time.perf_counter()
+            evaluations = len(self.evaluations_timesteps)
             try:
                 return super()._on_step()
             finally:
+                if len(self.evaluations_timesteps) > evaluations:
+                    self.train_seconds_at.append((self.num_timesteps, start - self.began - self.seconds))
                 self.seconds += time.perf_counter() - start
 
     eval_callback = TimedEval(
@@ -228,6 +238,8 @@ def run_one(
         "final_return_std": float(final_std),
         "train_seconds": train_seconds,
         "learn_seconds_with_eval": learn_seconds,
+        # (timestep, training seconds so far) at each periodic evaluation
+        "train_seconds_at_evaluations": eval_callback.train_seconds_at,
         "steps_per_second": setting["timesteps"] / train_seconds,
         "settings": {k: v for k, v in setting.items() if k != "kwargs"} | {"kwargs": setting["kwargs"]},
         "versions": _versions(),
