@@ -12,7 +12,9 @@ A run whose ``result.json`` exists is skipped, so an interrupted benchmark resum
 
 ``--jobs 2`` runs the two implementations of one (env, seed) at the same time, so both see the same load.
 ``--implementations sb3_ppo`` runs SB3's PPO with rl-zoo3's settings for the task (``PPO_SETTINGS``), the peer a user
-weighs TRPO against; with the preset's label (``--implementations sb3_trpo --set ...``) side by side.
+weighs TRPO against; with the preset's label (``--implementations sb3_trpo --set ...``) side by side, into
+``results/trpo_vs_ppo``, then ``python benchmarks/learning.py ppo`` (the table, ``results/trpo_vs_ppo.md``, and curves
+against timesteps and training time).
 """
 
 import argparse
@@ -351,6 +353,89 @@ def presets_report(out: Path) -> str:
     return text
 
 
+def _seconds_to_reach(run_dir: Path, result: dict[str, Any], target: float) -> float | None:
+    """Training seconds until a run's periodic evaluation first reaches ``target`` (``None``: it never did; the
+    final evaluation counts at the run's end)."""
+    curve = run_dir / "evaluations.npz"
+    at = dict(result.get("train_seconds_at_evaluations", []))
+    if curve.exists() and at:
+        data = np.load(curve)
+        for step, returns in zip(data["timesteps"], data["results"].mean(axis=1), strict=True):
+            if returns >= target and int(step) in at:
+                return float(at[int(step)])
+    return float(result["train_seconds"]) if result["final_return_mean"] >= target else None
+
+
+def ppo_report(out: Path) -> str:
+    """The MuJoCo presets against SB3's PPO with rl-zoo3's settings (``sb3_ppo``), run side by side into ``out``:
+    final and best returns, training time, the time each needs to reach the other's mean final return, and curves
+    against timesteps and against training time (``<out>.md``, ``<out>/<env>.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sb3_trpo.cli.presets import load_presets
+
+    presets = load_presets()
+    lines = [
+        "| task | seeds (TRPO, PPO) | TRPO preset: final | best point | training time | PPO (rl-zoo3): final | best point "
+        "| training time | TRPO's time to PPO's final | PPO's time to TRPO's final |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(summary: dict[str, Any], key: str) -> str:
+        mean, std = summary[key]
+        return f"{mean:.0f} ± {std:.0f}"
+
+    def to_reach(env_id: str, label: str, target: float) -> str:
+        runs = [(p.parent, json.loads(p.read_text())) for p in sorted((out / env_id / label).glob("seed*/result.json"))]
+        times = [_seconds_to_reach(run_dir, result, target) for run_dir, result in runs]
+        reached = [t for t in times if t is not None]
+        text = f"{np.mean(reached):.0f} s" if reached else "not reached"
+        return text + ("" if len(reached) == len(times) else f" ({len(reached)} of {len(times)} seeds)")
+
+    for env_id in PPO_SETTINGS:
+        preset = presets.get(env_id, {}).get("benchmark")
+        label = preset.split("/", 1)[1] if preset else None
+        trpo = _summary(out, env_id, label) if label else None
+        ppo = _summary(out, env_id, "sb3_ppo")
+        if trpo is None or ppo is None or label is None:
+            continue
+        lines.append(
+            f"| {env_id} | {trpo['seeds']}, {ppo['seeds']} | {cell(trpo, 'final')} | {cell(trpo, 'best')} "
+            f"| {trpo['seconds']:.0f} s | {cell(ppo, 'final')} | {cell(ppo, 'best')} | {ppo['seconds']:.0f} s "
+            f"| {to_reach(env_id, label, ppo['final'][0])} | {to_reach(env_id, 'sb3_ppo', trpo['final'][0])} |"
+        )
+        figure, (by_steps, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, run_label, color in (("TRPO preset", label, "C0"), ("PPO, rl-zoo3", "sb3_ppo", "C1")):
+            for i, result_file in enumerate(sorted((out / env_id / run_label).glob("seed*/result.json"))):
+                result, curve = json.loads(result_file.read_text()), result_file.parent / "evaluations.npz"
+                if not curve.exists():
+                    continue
+                data = np.load(curve)
+                returns = data["results"].mean(axis=1)
+                at = dict(result.get("train_seconds_at_evaluations", []))
+                legend = name if i == 0 else None
+                by_steps.plot(data["timesteps"], returns, color=color, alpha=0.8, label=legend)
+                seconds = [at.get(int(step)) for step in data["timesteps"]]
+                if all(t is not None for t in seconds):
+                    by_time.plot(seconds, returns, color=color, alpha=0.8, label=legend)
+        by_steps.set_xlabel("environment steps")
+        by_time.set_xlabel("training seconds (evaluations excluded)")
+        for axis in (by_steps, by_time):
+            axis.set_ylabel("deterministic evaluation return (each seed)")
+            axis.set_title(env_id)
+            axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / f"{env_id}.png", dpi=100)
+        plt.close(figure)
+    text = "\n".join(lines) + "\n"
+    out.with_name(out.name + ".md").write_text(text)
+    return text
+
+
 def report(out: Path) -> None:
     """Print the results table (markdown) and write one learning-curve PNG per environment into ``out``."""
     import matplotlib
@@ -424,12 +509,16 @@ def main() -> None:
     report_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     presets_parser = sub.add_parser("presets", help="MuJoCo presets vs the published bar -> results/mujoco_presets.md")
     presets_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ppo_parser = sub.add_parser("ppo", help="the presets against SB3's PPO (rl-zoo3 settings) -> <out>.md, curves")
+    ppo_parser.add_argument("--out", type=Path, default=DEFAULT_OUT.with_name("trpo_vs_ppo"))
     args = parser.parse_args()
     if args.command == "run":
         overrides = {key: _literal(value) for key, value in (item.split("=", 1) for item in args.set)}
         run(args.envs, args.seeds, args.jobs, args.out, args.timesteps, args.implementations, overrides or None)
     elif args.command == "presets":
         print(presets_report(args.out))
+    elif args.command == "ppo":
+        print(ppo_report(args.out))
     else:
         report(args.out)
 
