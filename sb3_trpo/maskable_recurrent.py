@@ -48,7 +48,6 @@ from sb3_trpo.fisher import FisherProduct, GatheredHeadFisherProduct, gather_val
 from sb3_trpo.maskable import MaskedTRPO
 from sb3_trpo.masks import mask_sizes
 from sb3_trpo.recurrent import RecurrentEvaluator, RecurrentTRPO
-from sb3_trpo.trpo import RolloutBatch
 
 __all__ = [
     "CnnLstmPolicy",
@@ -319,13 +318,7 @@ class MaskableRecurrentTRPO(MaskedTRPO, RecurrentTRPO):
     _policy_base = MaskableRecurrentActorCriticPolicy
     _policy_kind = "maskable recurrent"
     _buffer_classes = (MaskableRecurrentRolloutBuffer, MaskableRecurrentDictRolloutBuffer)
+    _evaluator_class = MaskedRecurrentEvaluator
 
     def __init__(self, policy: str | type[MaskableRecurrentActorCriticPolicy], env: GymEnv | str, **kwargs: Any):
         super().__init__(policy, env, **kwargs)
-
-    def _evaluator(self, actor: ActorView, batch: RolloutBatch) -> RecurrentEvaluator:
-        assert batch.context is not None
-        assert batch.weights is not None
-        return MaskedRecurrentEvaluator(
-            actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping, batch.action_masks
-        )

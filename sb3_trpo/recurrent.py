@@ -297,6 +297,7 @@ class RecurrentTRPO(TRPO):
         "MultiInputLstmPolicy": MultiInputLstmPolicy,
     }
     policy: RecurrentActorCriticPolicy
+    _evaluator_class: ClassVar[type[RecurrentEvaluator]] = RecurrentEvaluator
 
     _policy_base = RecurrentActorCriticPolicy
     _policy_kind = "recurrent"
@@ -423,10 +424,11 @@ class RecurrentTRPO(TRPO):
         )
 
     def _evaluator(self, actor: ActorView, batch: RolloutBatch) -> RecurrentEvaluator:
-        """The policy step's view of the rollout's sequences (a variant may compute its Fisher product otherwise)."""
+        """The policy step's view of the rollout's sequences (``_evaluator_class``: a variant may compute its Fisher
+        product otherwise)."""
         assert batch.context is not None
         assert batch.weights is not None
-        return RecurrentEvaluator(
+        return self._evaluator_class(
             actor, batch.observations, batch.actions, batch.context, batch.weights, self.cg_damping, batch.action_masks
         )
 
