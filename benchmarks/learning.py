@@ -231,6 +231,12 @@ def run_one(
     train_seconds = learn_seconds - eval_callback.seconds
     sync_envs_normalization(env, eval_env)  # final evaluation with the final normalization statistics
     final_mean, final_std = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True)
+    # the policy as it acts while training (sampled actions): where this and the deterministic return differ
+    # much, the two algorithms may rank differently on the objective they optimise
+    sampled_mean, sampled_std = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=False)
+    model.save(run_dir / "model.zip")  # kept locally (git ignores it) for analyses after the run
+    if isinstance(env, VecNormalize):
+        env.save(str(run_dir / "vecnormalize.pkl"))
     result = {
         "env": env_id,
         "implementation": label,
@@ -238,6 +244,8 @@ def run_one(
         "timesteps": setting["timesteps"],
         "final_return_mean": float(final_mean),
         "final_return_std": float(final_std),
+        "final_sampled_return_mean": float(sampled_mean),
+        "final_sampled_return_std": float(sampled_std),
         "train_seconds": train_seconds,
         "learn_seconds_with_eval": learn_seconds,
         # (timestep, training seconds so far) at each periodic evaluation
