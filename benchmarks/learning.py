@@ -246,6 +246,8 @@ def run_one(
         "final_return_std": float(final_std),
         "final_sampled_return_mean": float(sampled_mean),
         "final_sampled_return_std": float(sampled_std),
+        # rollout/ep_rew_mean at the end: the last 100 training episodes (sampled actions, raw rewards)
+        "training_return_last_100": float(np.mean([info["r"] for info in model.ep_info_buffer])),
         "train_seconds": train_seconds,
         "learn_seconds_with_eval": learn_seconds,
         # (timestep, training seconds so far) at each periodic evaluation
@@ -320,6 +322,12 @@ def _summary(out: Path, env_id: str, label: str) -> dict[str, Any] | None:
         "seeds": len(runs),
         "final": (float(np.mean(finals)), float(np.std(finals))),
         "best": (float(np.mean(bests)), float(np.std(bests))),
+        "training": (
+            (float(np.mean(training)), float(np.std(training)))
+            if (training := [r["training_return_last_100"] for r in runs if "training_return_last_100" in r])
+            else None
+        ),
+        "finals": finals,
         "seconds": float(np.mean([r["train_seconds"] for r in runs])),
         "steps_per_second": float(np.mean([r["steps_per_second"] for r in runs])),
         "commits": sorted({r["versions"].get("git_commit", "?")[:7] for r in runs}),
@@ -388,6 +396,15 @@ def ppo_report(out: Path) -> str:
 
     presets = load_presets()
     lines = [
+        "# TRPO presets against SB3's PPO with rl-zoo3's settings",
+        "",
+        "Written by `python benchmarks/learning.py ppo` from the runs in `results/trpo_vs_ppo/`, made with `python "
+        "benchmarks/learning.py run --envs ENV --implementations sb3_ppo --seeds 0 1 2 --out "
+        "benchmarks/results/trpo_vs_ppo` and the same with `--implementations sb3_trpo --set <the preset's "
+        "overrides>` (its `benchmark` label in `sb3_trpo/cli/presets.json`), two runs side by side on a 2-core VM, "
+        "one torch thread each, 1M steps. Training time excludes the periodic evaluations. Each run's commit and "
+        "versions are in its `result.json`.",
+        "",
         "| task | seeds (TRPO, PPO) | TRPO preset: final | best point | training time | PPO (rl-zoo3): final | best point "
         "| training time | TRPO's time to PPO's final | PPO's time to TRPO's final |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -439,6 +456,27 @@ def ppo_report(out: Path) -> str:
         figure.tight_layout()
         figure.savefig(out / f"{env_id}.png", dpi=100)
         plt.close(figure)
+    # every setting run on each task (the presets, PPO and the factor screen), for finding out what matters
+    lines += [
+        "",
+        "Every setting run, per task (training return: the last 100 training episodes, sampled actions):",
+        "",
+        "| task | setting | seeds | final (each seed) | final | best point | training return | training time | commits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for env_dir in sorted(path for path in out.iterdir() if path.is_dir()):
+        labels = sorted((d.name for d in env_dir.iterdir() if d.is_dir()), key=lambda x: (x != "sb3_ppo", len(x), x))
+        for run_label in labels:
+            summary = _summary(out, env_dir.name, run_label)
+            if summary is None:
+                continue
+            training = cell(summary, "training") if summary["training"] else "-"
+            each = ", ".join(f"{final:.0f}" for final in summary["finals"])
+            lines.append(
+                f"| {env_dir.name} | `{run_label}` | {summary['seeds']} | {each} | {cell(summary, 'final')} "
+                f"| {cell(summary, 'best')} | {training} | {summary['seconds']:.0f} s "
+                f"| {', '.join(summary['commits'])} |"
+            )
     text = "\n".join(lines) + "\n"
     out.with_name(out.name + ".md").write_text(text)
     return text
