@@ -354,7 +354,9 @@ def presets_report(out: Path) -> str:
     ]
     for env_id, (bar, source) in PUBLISHED.items():
         label = presets.get(env_id, {}).get("benchmark")
-        mine = _summary(out, env_id, label.split("/", 1)[1]) if label else None
+        # a preset's runs are in ``out`` unless it names another results directory (``results``)
+        runs_dir = out.parent / presets.get(env_id, {}).get("results", out.name)
+        mine = _summary(runs_dir, env_id, label.split("/", 1)[1]) if label else None
         contrib, same = _summary(out, env_id, "sb3_contrib"), _summary(out, env_id, "sb3_trpo")
         # a bar published as a best point is compared with the best point, any other with the final return
         measure = "best" if "best point" in source else "final"

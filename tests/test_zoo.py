@@ -106,14 +106,18 @@ def test_a_users_conf_file_wins():
     assert with_preset_config(other) == other
 
 
-def test_the_preset_is_written_as_an_rl_zoo3_hyperparameter_file(capsys):
-    arguments = with_preset_config(["--algo", "trpo", "--env", "Ant-v5"])
+@pytest.mark.parametrize("env_id", ["Ant-v5", "HalfCheetah-v5"])
+def test_the_preset_is_written_as_an_rl_zoo3_hyperparameter_file(capsys, env_id):
+    arguments = with_preset_config(["--algo", "trpo", "--env", env_id])
     assert arguments[-2] == "--conf-file"
-    entry = yaml.safe_load(Path(arguments[-1]).read_text())["Ant-v5"]
-    preset = preset_for("Ant-v5")
-    assert entry["learning_rate"] == "lin_0.001"  # {"linear": [0.001, 0.0]} as rl-zoo3 writes it
+    entry = yaml.safe_load(Path(arguments[-1]).read_text())[env_id]
+    preset = preset_for(env_id)
+    if env_id == "Ant-v5":
+        assert entry["learning_rate"] == "lin_0.001"  # {"linear": [0.001, 0.0]} as rl-zoo3 writes it
+    else:  # the network, discount and GAE lambda of SB3's tuned PPO entry
+        assert (entry["gamma"], entry["gae_lambda"], entry["target_kl"]) == (0.98, 0.92, 0.24)
     assert (entry["n_envs"], entry["n_timesteps"], entry["normalize"]) == (preset.n_envs, preset.n_timesteps, True)
-    assert entry["env_kwargs"] == preset.env_kwargs
+    assert entry.get("env_kwargs", {}) == preset.env_kwargs
     from torch import nn
 
     expected = model_kwargs(preset.hyperparams)["policy_kwargs"]
