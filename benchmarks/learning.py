@@ -165,6 +165,7 @@ def run_one(
     from stable_baselines3.common.callbacks import EvalCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.utils import safe_mean
     from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
 
     from sb3_trpo.cli.presets import model_kwargs
@@ -247,7 +248,7 @@ def run_one(
         "final_sampled_return_mean": float(sampled_mean),
         "final_sampled_return_std": float(sampled_std),
         # rollout/ep_rew_mean at the end: the last 100 training episodes (sampled actions, raw rewards)
-        "training_return_last_100": float(np.mean([info["r"] for info in model.ep_info_buffer])),
+        "training_return_last_100": float(safe_mean([info["r"] for info in model.ep_info_buffer])),
         "train_seconds": train_seconds,
         "learn_seconds_with_eval": learn_seconds,
         # (timestep, training seconds so far) at each periodic evaluation
