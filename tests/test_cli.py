@@ -338,6 +338,8 @@ def test_a_measured_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_r
     # the runs are in benchmarks/results/learning unless the preset names another results directory
     results = LEARNING_RESULTS.parent / entry.get("results", LEARNING_RESULTS.name)
     runs = [json.loads(p.read_text()) for p in sorted((results / entry["benchmark"]).glob("seed*/result.json"))]
+    # the preset is chosen on seeds 0-2; further seeds run later (e.g. beside a peer) are evidence, not its quote
+    runs = [r for r in runs if r["seed"] in (0, 1, 2)]
     assert sorted(r["seed"] for r in runs) == [0, 1, 2]
     preset = preset_for(env_id)
     for run in runs:
