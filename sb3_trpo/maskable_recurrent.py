@@ -30,12 +30,6 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 try:
     from sb3_contrib.common.maskable.distributions import MaskableDistribution, make_masked_proba_distribution
-    from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
-    from sb3_contrib.common.recurrent.policies import (
-        RecurrentActorCriticCnnPolicy,
-        RecurrentActorCriticPolicy,
-        RecurrentMultiInputActorCriticPolicy,
-    )
     from sb3_contrib.common.recurrent.type_aliases import RNNStates
 except ImportError as error:  # pragma: no cover - exercised in a subprocess without sb3-contrib
     raise ImportError(
@@ -48,6 +42,12 @@ from sb3_trpo.fisher import FisherProduct, GatheredHeadFisherProduct, gather_val
 from sb3_trpo.maskable import MaskedTRPO
 from sb3_trpo.masks import mask_sizes
 from sb3_trpo.recurrent import RecurrentEvaluator, RecurrentTRPO
+from sb3_trpo.recurrent_policies import (
+    RecurrentCellActorCriticCnnPolicy,
+    RecurrentCellActorCriticPolicy,
+    RecurrentCellMultiInputActorCriticPolicy,
+)
+from sb3_trpo.sequences import SequenceDictRolloutBuffer, SequenceRolloutBuffer
 
 __all__ = [
     "CnnLstmPolicy",
@@ -154,18 +154,21 @@ class _MaskedRecurrent:
             return super().predict(observation, state, episode_start, deterministic)  # type: ignore[misc]
 
 
-class MaskableRecurrentActorCriticPolicy(_MaskedRecurrent, RecurrentActorCriticPolicy):  # type: ignore[misc]  # adds keyword arguments
-    """sb3-contrib's ``RecurrentActorCriticPolicy`` (an LSTM actor and critic) with invalid-action masks, for
-    Discrete, MultiDiscrete and MultiBinary actions: every method that makes a distribution takes ``action_masks``."""
+class MaskableRecurrentActorCriticPolicy(_MaskedRecurrent, RecurrentCellActorCriticPolicy):  # type: ignore[misc]  # adds keyword arguments
+    """sb3-contrib's ``RecurrentActorCriticPolicy`` (an LSTM, GRU or RNN actor and critic:
+    :class:`~sb3_trpo.recurrent_policies.RecurrentCellActorCriticPolicy`) with invalid-action masks, for Discrete,
+    MultiDiscrete and MultiBinary actions: every method that makes a distribution takes ``action_masks``."""
 
 
 # Subclasses of MaskableRecurrentActorCriticPolicy (as sb3-contrib's CNN and Dict forms subclass its MLP one), so the
 # class's policy check, and a user's isinstance, accept every alias.
-class MaskableRecurrentActorCriticCnnPolicy(MaskableRecurrentActorCriticPolicy, RecurrentActorCriticCnnPolicy):  # type: ignore[misc]  # adds keyword arguments
+class MaskableRecurrentActorCriticCnnPolicy(MaskableRecurrentActorCriticPolicy, RecurrentCellActorCriticCnnPolicy):  # type: ignore[misc]  # adds keyword arguments
     """:class:`MaskableRecurrentActorCriticPolicy` reading images (sb3-contrib's ``CnnLstmPolicy``)."""
 
 
-class MaskableRecurrentMultiInputActorCriticPolicy(MaskableRecurrentActorCriticPolicy, RecurrentMultiInputActorCriticPolicy):  # type: ignore[misc]  # adds keyword arguments
+class MaskableRecurrentMultiInputActorCriticPolicy(  # type: ignore[misc]  # adds keyword arguments
+    MaskableRecurrentActorCriticPolicy, RecurrentCellMultiInputActorCriticPolicy
+):
     """:class:`MaskableRecurrentActorCriticPolicy` reading Dict observations (sb3-contrib's ``MultiInputLstmPolicy``)."""
 
 
@@ -217,12 +220,14 @@ class _StoresMasks:
         return MaskableRecurrentRolloutBufferSamples(**samples._asdict(), action_masks=masks)
 
 
-class MaskableRecurrentRolloutBuffer(_StoresMasks, RecurrentRolloutBuffer):  # type: ignore[misc]  # adds keyword arguments
-    """sb3-contrib's ``RecurrentRolloutBuffer`` that also stores each step's action masks."""
+class MaskableRecurrentRolloutBuffer(_StoresMasks, SequenceRolloutBuffer):  # type: ignore[misc]  # adds keyword arguments
+    """sb3-contrib's ``RecurrentRolloutBuffer`` (with :class:`~sb3_trpo.sequences.PaddedSequences`) that also stores
+    each step's action masks."""
 
 
-class MaskableRecurrentDictRolloutBuffer(_StoresMasks, RecurrentDictRolloutBuffer):  # type: ignore[misc]  # adds keyword arguments
-    """sb3-contrib's ``RecurrentDictRolloutBuffer`` that also stores each step's action masks."""
+class MaskableRecurrentDictRolloutBuffer(_StoresMasks, SequenceDictRolloutBuffer):  # type: ignore[misc]  # adds keyword arguments
+    """sb3-contrib's ``RecurrentDictRolloutBuffer`` (with :class:`~sb3_trpo.sequences.PaddedSequences`) that also
+    stores each step's action masks."""
 
 
 def _head_slices(actor: ActorView) -> tuple[th.nn.Linear, slice, slice] | None:
@@ -318,6 +323,7 @@ class MaskableRecurrentTRPO(MaskedTRPO, RecurrentTRPO):
     _policy_base = MaskableRecurrentActorCriticPolicy
     _policy_kind = "maskable recurrent"
     _buffer_classes = (MaskableRecurrentRolloutBuffer, MaskableRecurrentDictRolloutBuffer)
+    _accepted_buffers = _lean_buffers = _buffer_classes
     _evaluator_class = MaskedRecurrentEvaluator
 
     def __init__(self, policy: str | type[MaskableRecurrentActorCriticPolicy], env: GymEnv | str, **kwargs: Any):

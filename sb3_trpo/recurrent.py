@@ -1,7 +1,8 @@
-"""``RecurrentTRPO``: the trust-region update of :class:`~sb3_trpo.TRPO` for LSTM policies.
+"""``RecurrentTRPO``: the trust-region update of :class:`~sb3_trpo.TRPO` for recurrent (LSTM, GRU, RNN) policies.
 
 It follows ``sb3_contrib.RecurrentPPO``'s conventions and reuses its pieces: the recurrent policies
-(``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``), the rollout buffers that store the LSTM states
+(``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``, with a choice of cell:
+:mod:`sb3_trpo.recurrent_policies`), the rollout buffers that store the LSTM states
 before each step and cut the rollout into padded sequences. It collects as ``RecurrentPPO``'s loop does
 (:func:`recurrent_collect_rollouts`, tested bit for bit against it), with masks for the maskable recurrent class.
 sb3-contrib is an optional dependency, imported only by the modules that need it (``pip install "sb3-trpo[recurrent]"``).
@@ -16,12 +17,9 @@ and candidate sees the same network) and, on CUDA, without cuDNN (whose RNN kern
 """
 
 import contextlib
-import copy
 import inspect
-from collections.abc import Callable
 from typing import Any, ClassVar
 
-import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -29,14 +27,12 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
 from stable_baselines3.common.type_aliases import GymEnv, PyTorchObs
-from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 try:
     from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
     from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
     from sb3_contrib.common.recurrent.type_aliases import RNNStates
-    from sb3_contrib.ppo_recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 except ImportError as error:  # pragma: no cover - exercised in a subprocess without sb3-contrib
     raise ImportError(
         "RecurrentTRPO reuses sb3-contrib's recurrent policies, buffers and collection, and sb3-contrib is not "
@@ -46,6 +42,9 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
 from sb3_trpo.actor import ActorView, PolicyEvaluation, RecurrentContext
 from sb3_trpo.fisher import FisherProduct, JacobianFisherProduct
 from sb3_trpo.policy_step import PolicyStepResult, RolloutBatch, trust_region_step
+from sb3_trpo.recurrent_collection import lean_recurrent_collection_gap, recurrent_collect_rollouts
+from sb3_trpo.recurrent_policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy, RecurrentCellActorCriticPolicy
+from sb3_trpo.sequences import SequenceDictRolloutBuffer, SequenceRolloutBuffer
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.validation import check_policy_class
 
@@ -89,12 +88,16 @@ def has_multi_discrete_leaf(space: spaces.Space) -> bool:
 
 
 def default_features_extractor(policy_class: type[BasePolicy]) -> type[BaseFeaturesExtractor]:
-    """:return: the features extractor ``policy_class`` builds when ``policy_kwargs`` names none"""
-    parameter = inspect.signature(policy_class).parameters.get("features_extractor_class")
-    if parameter is None or parameter.default is inspect.Parameter.empty:
-        return FlattenExtractor
-    extractor: type[BaseFeaturesExtractor] = parameter.default
-    return extractor
+    """:return: the features extractor ``policy_class`` builds when ``policy_kwargs`` names none (the default of the
+    first constructor along the class's MRO that names one: a subclass may pass its arguments on as ``**kwargs``)"""
+    for cls in policy_class.__mro__:
+        parameter = inspect.signature(cls.__init__).parameters.get("features_extractor_class")  # type: ignore[misc]
+        if parameter is not None:
+            if parameter.default is inspect.Parameter.empty:
+                break
+            extractor: type[BaseFeaturesExtractor] = parameter.default
+            return extractor
+    return FlattenExtractor
 
 
 class IntegerFeaturesDim:
@@ -114,123 +117,6 @@ class IntegerFeaturesDim:
         extractor = self.extractor_class(observation_space, **kwargs)
         extractor._features_dim = int(extractor.features_dim)
         return extractor
-
-
-def recurrent_collect_rollouts(
-    model: "RecurrentTRPO",
-    env: VecEnv,
-    callback: BaseCallback,
-    rollout_buffer: RolloutBuffer,
-    n_rollout_steps: int,
-    action_masks_of: Callable[[VecEnv], np.ndarray] | None = None,
-) -> bool:
-    """The recurrent classes' collection: ``RecurrentPPO.collect_rollouts`` (the same data, LSTM states, random
-    numbers and callbacks, step for step), with invalid-action masks when ``action_masks_of`` is given.
-
-    Each step feeds the policy the observations, the LSTM states its previous step returned and the episode starts
-    (the policy resets the states of environments whose episode starts there), stores the states it started from
-    with the step, and with masks reads them before the step, samples among the valid actions and stores them too.
-
-    :param model: the algorithm (its policy, last observations, episode starts and LSTM states, counters, settings)
-    :param env: the training environment
-    :param callback: called at the rollout's start, at every step, and at its end
-    :param rollout_buffer: a recurrent buffer (a maskable one with masks)
-    :param n_rollout_steps: steps to collect per environment
-    :param action_masks_of: ``env -> masks of every environment`` (:func:`sb3_trpo.masks.masks_of`); ``None``: none
-    :return: ``False`` if a callback stopped the rollout early
-    """
-    assert model._last_obs is not None, "No previous observation was provided"
-    policy = model.policy
-    policy.set_training_mode(False)
-    box_actions = isinstance(model.action_space, spaces.Box)
-    n_steps = 0
-    rollout_buffer.reset()
-    if model.use_sde:
-        policy.reset_noise(env.num_envs)
-    callback.on_rollout_start()
-    lstm_states = copy.deepcopy(model._last_lstm_states)
-
-    while n_steps < n_rollout_steps:
-        if model.use_sde and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
-            policy.reset_noise(env.num_envs)
-        masks = None if action_masks_of is None else action_masks_of(env)
-        with th.no_grad():
-            obs_tensor = obs_as_tensor(model._last_obs, model.device)  # type: ignore[arg-type]
-            episode_starts = th.tensor(model._last_episode_starts, dtype=th.float32, device=model.device)
-            if masks is None:
-                actions, values, log_probs, lstm_states = policy(obs_tensor, lstm_states, episode_starts)
-            else:
-                actions, values, log_probs, lstm_states = policy(obs_tensor, lstm_states, episode_starts, action_masks=masks)
-        actions = actions.cpu().numpy()
-        clipped_actions = np.clip(actions, model.action_space.low, model.action_space.high) if box_actions else actions  # type: ignore[attr-defined]
-
-        new_obs, rewards, dones, infos = env.step(clipped_actions)
-        model.num_timesteps += env.num_envs
-        callback.update_locals(
-            {
-                "self": model,
-                "env": env,
-                "callback": callback,
-                "rollout_buffer": rollout_buffer,
-                "n_rollout_steps": n_rollout_steps,
-                "n_steps": n_steps,
-                "lstm_states": lstm_states,
-                "obs_tensor": obs_tensor,
-                "episode_starts": episode_starts,
-                "actions": actions,
-                "clipped_actions": clipped_actions,
-                "values": values,
-                "log_probs": log_probs,
-                "action_masks": masks,
-                "new_obs": new_obs,
-                "rewards": rewards,
-                "dones": dones,
-                "infos": infos,
-            }
-        )
-        if not callback.on_step():
-            return False
-        model._update_info_buffer(infos, dones)
-        n_steps += 1
-        if isinstance(model.action_space, spaces.Discrete):
-            actions = actions.reshape(-1, 1)
-
-        # a truncated episode's last reward is bootstrapped with the value of its terminal observation (SB3 #633), from
-        # the critic's state after that step
-        for idx, done in enumerate(dones):
-            if done and infos[idx].get("terminal_observation") is not None and infos[idx].get("TimeLimit.truncated", False):
-                terminal_obs = policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
-                with th.no_grad():
-                    state = (
-                        lstm_states.vf[0][:, idx : idx + 1, :].contiguous(),
-                        lstm_states.vf[1][:, idx : idx + 1, :].contiguous(),
-                    )
-                    not_a_start = th.tensor([False], dtype=th.float32, device=model.device)
-                    terminal_value = policy.predict_values(terminal_obs, state, not_a_start)[0]  # type: ignore[arg-type]
-                rewards[idx] += model.gamma * terminal_value
-
-        stored = {} if masks is None else {"action_masks": masks}
-        add: Any = rollout_buffer.add  # sb3-contrib's recurrent buffers take the states (and masks) as keywords
-        add(
-            model._last_obs,
-            actions,
-            rewards,
-            model._last_episode_starts,
-            values,
-            log_probs,
-            lstm_states=model._last_lstm_states,
-            **stored,
-        )
-        model._last_obs = new_obs  # type: ignore[assignment]
-        model._last_episode_starts = dones
-        model._last_lstm_states = lstm_states
-
-    with th.no_grad():
-        episode_starts = th.tensor(dones, dtype=th.float32, device=model.device)
-        values = policy.predict_values(obs_as_tensor(new_obs, model.device), lstm_states.vf, episode_starts)  # type: ignore[arg-type]
-    rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
-    callback.on_rollout_end()
-    return True
 
 
 class RecurrentEvaluator:
@@ -273,12 +159,13 @@ class RecurrentEvaluator:
 
 class RecurrentTRPO(TRPO):
     """
-    Trust Region Policy Optimization with recurrent (LSTM) policies.
+    Trust Region Policy Optimization with recurrent (LSTM, GRU or RNN) policies.
 
     The same algorithm, keywords, checks and logged values as :class:`~sb3_trpo.TRPO`, with
     ``sb3_contrib.RecurrentPPO``'s policies and conventions: ``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``,
-    ``"MultiInputLstmPolicy"`` (or a ``RecurrentActorCriticPolicy`` subclass) with their options
-    (``lstm_hidden_size``, ``n_lstm_layers``, ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``), and
+    ``"MultiInputLstmPolicy"`` (:class:`~sb3_trpo.recurrent_policies.RecurrentCellActorCriticPolicy` and its forms,
+    or any ``RecurrentActorCriticPolicy`` subclass) with their options (``lstm_hidden_size``, ``n_lstm_layers``,
+    ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``, and ``recurrent_layer_type="lstm" | "gru" | "rnn"``), and
     ``predict(obs, state, episode_start, deterministic)``. Rollouts are collected as ``RecurrentPPO``'s loop collects them into
     sb3-contrib's recurrent buffers; the policy step works on the rollout's padded sequences (see the module's
     docstring), and the critic step regresses the values over minibatches of sequences, real steps only.
@@ -302,7 +189,11 @@ class RecurrentTRPO(TRPO):
     _policy_base = RecurrentActorCriticPolicy
     _policy_kind = "recurrent"
     #: the buffers that store what the policy step needs of each step (for vector observations, for Dict ones)
-    _buffer_classes: ClassVar[tuple[type[Any], type[Any]]] = (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)
+    _buffer_classes: ClassVar[tuple[type[Any], type[Any]]] = (SequenceRolloutBuffer, SequenceDictRolloutBuffer)
+    #: the buffers a user may pass (``rollout_buffer_class``): subclasses of these store what the step needs
+    _accepted_buffers: ClassVar[tuple[type[Any], ...]] = (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)
+    #: the buffers whose ``add`` the lean loop repeats (exact types)
+    _lean_buffers: ClassVar[tuple[type[Any], ...]] = (*_buffer_classes, *_accepted_buffers)
 
     def __init__(self, policy: str | type[RecurrentActorCriticPolicy], env: GymEnv | str, **kwargs: Any):
         check_policy_class(type(self).__name__, policy, self._policy_base, self._policy_kind, list(self.policy_aliases))
@@ -339,6 +230,13 @@ class RecurrentTRPO(TRPO):
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         policy_kwargs = dict(self.policy_kwargs)
+        if "recurrent_layer_type" in policy_kwargs and not issubclass(self.policy_class, RecurrentCellActorCriticPolicy):
+            raise ValueError(
+                f"policy_kwargs has recurrent_layer_type={policy_kwargs['recurrent_layer_type']!r}, which "
+                f"{self.policy_class.__name__} does not take: the cell is an option of {type(self).__name__}'s policies "
+                f"({', '.join(repr(alias) for alias in self.policy_aliases)}) and of subclasses of "
+                f"{RecurrentCellActorCriticPolicy.__module__}.{RecurrentCellActorCriticPolicy.__qualname__}."
+            )
         extractor_class = None
         if has_multi_discrete_leaf(self.observation_space):
             extractor_class = policy_kwargs.get("features_extractor_class", default_features_extractor(self.policy_class))
@@ -361,10 +259,11 @@ class RecurrentTRPO(TRPO):
         if self.rollout_buffer_class is None:
             dict_obs = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = dict_buffer if dict_obs else vector_buffer
-        elif not issubclass(self.rollout_buffer_class, self._buffer_classes):
+        elif not issubclass(self.rollout_buffer_class, self._accepted_buffers):
             raise ValueError(
                 f"rollout_buffer_class={self.rollout_buffer_class.__name__} cannot store what {type(self).__name__} "
-                f"needs of each step: it needs {vector_buffer.__name__} or {dict_buffer.__name__} (or a subclass), or None."
+                f"needs of each step: it needs {' or '.join(c.__name__ for c in self._accepted_buffers)} (or a subclass), "
+                "or None."
             )
         buffer_class: Any = self.rollout_buffer_class  # a recurrent buffer: it takes the LSTM states' shape
         self.rollout_buffer = buffer_class(
@@ -383,10 +282,16 @@ class RecurrentTRPO(TRPO):
         # as RecurrentPPO: the LSTM states of the last rollout belong to its environments, not to the model
         return [*super()._excluded_save_params(), "_last_lstm_states"]
 
-    _general_loop = "the recurrent loop (RecurrentPPO's, with masks)"
+    _general_loop = "the recurrent loop with the policy's own forward and the buffer's add"
 
     def _lean_collection_gap(self, rollout_buffer: RolloutBuffer) -> str | None:
-        return "recurrent policies"
+        return lean_recurrent_collection_gap(self.policy, rollout_buffer, self._policy_base, self._lean_buffers)
+
+    def _lean_collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        masks_of = self._action_masks_of()
+        return recurrent_collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps, masks_of, lean=True)
 
     def _general_collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int

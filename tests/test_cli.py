@@ -405,14 +405,17 @@ def test_a_recurrent_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_
     assert f"{mean_final:.1f}" in preset.source
 
 
-def test_an_lstm_policy_trains_recurrent_trpo_and_eval_loads_it(tmp_path, capsys):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_an_lstm_policy_trains_recurrent_trpo_and_eval_loads_it(cell, tmp_path, capsys):
     output = tmp_path / "run"
-    lstm = ["policy=MlpLstmPolicy", "policy_kwargs={'lstm_hidden_size': 8, 'net_arch': [8]}"]
+    net = f"{{'lstm_hidden_size': 8, 'net_arch': [8], 'recurrent_layer_type': '{cell}'}}"
+    lstm = ["policy=MlpLstmPolicy", f"policy_kwargs={net}"]
     assert main(["train", "CartPole-v1", "--output", str(output), *SHORT, *SMALL, *lstm]) == 0
     assert "Training RecurrentTRPO on CartPole-v1" in capsys.readouterr().out
     assert json.loads((output / CONFIG).read_text())["algorithm"] == "RecurrentTRPO"
     model = algorithm_for("MlpLstmPolicy").load(output / "model.zip")
     assert type(model).__name__ == "RecurrentTRPO"
+    assert model.policy.recurrent_layer_type == cell
     assert main(["eval", str(output), "--episodes", "2"]) == 0  # the run folder: config.json names the algorithm
     assert main(["eval", str(output / "model.zip"), "CartPole-v1", "--episodes", "2"]) == 0  # the file alone
     assert capsys.readouterr().out.count("CartPole-v1: return") == 2

@@ -28,6 +28,7 @@ from sb3_trpo.maskable_recurrent import (  # noqa: E402
 )
 from sb3_trpo.policy_step import StepSettings, trust_region_step  # noqa: E402
 from sb3_trpo.recurrent import RecurrentEvaluator  # noqa: E402
+from sb3_trpo.recurrent_policies import RECURRENT_LAYER_TYPES  # noqa: E402
 from tests.test_maskable import (  # noqa: E402
     MASKED_SPACES,
     MaskedEnvWithObservations,
@@ -42,10 +43,10 @@ DAMPING = 0.1
 SMALL = dict(lstm_hidden_size=8)
 
 
-def tiny_policy(space: spaces.Space, seed: int = 0) -> MaskableRecurrentActorCriticPolicy:
+def tiny_policy(space: spaces.Space, seed: int = 0, cell: str = "lstm") -> MaskableRecurrentActorCriticPolicy:
     th.manual_seed(seed)
     policy = MaskableRecurrentActorCriticPolicy(
-        BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4, net_arch=dict(pi=[5], vf=[4])
+        BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4, net_arch=dict(pi=[5], vf=[4]), recurrent_layer_type=cell
     )
     with th.no_grad():  # far from uniform, so the Fisher matrix is not degenerate
         for param in policy.action_net.parameters():
@@ -70,17 +71,18 @@ def masked_sequences(policy: MaskableRecurrentActorCriticPolicy, space: spaces.S
     return {"obs": obs, "actions": actions, "context": context, "masks": masks, "weights": weights}
 
 
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
 @pytest.mark.parametrize("fully_masked", [False, True], ids=["valid-actions", "fully-masked-sub-spaces"])
 @pytest.mark.parametrize("name", list(MASKED_SPACES))
 def test_fisher_products_equal_the_explicit_hessian_of_the_masked_mean_kl_over_sequences(
-    name, fully_masked, float64_observations
+    name, fully_masked, cell, float64_observations
 ):
     space = MASKED_SPACES[name]
-    policy = tiny_policy(space)
+    policy = tiny_policy(space, cell=cell)
     batch = masked_sequences(policy, space, fully_masked)
     obs, actions, context, masks, weights = (batch[k] for k in ("obs", "actions", "context", "masks", "weights"))
     actor = ActorView(policy, obs, context)
-    assert any(p is policy.lstm_actor.weight_hh_l0 for p in actor.parameters), "the LSTM is an actor parameter"
+    assert any(p is policy.lstm_actor.weight_hh_l0 for p in actor.parameters), "the cell is an actor parameter"
     theta_old = actor.flat()
     sizes = sub_space_sizes(space)
 
@@ -321,15 +323,15 @@ class Recall(gym.Env):
         return self._obs(), reward, True, False, {}
 
 
-def test_never_an_invalid_action_in_collection_predict_and_evaluation():
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
+def test_never_an_invalid_action_in_collection_predict_and_evaluation(cell):
     from sb3_contrib.common.maskable.utils import get_action_masks
 
     from sb3_trpo.masks import evaluate_policy
 
     env = make_vec_env(Recall, n_envs=2, seed=0)
-    model = MaskableRecurrentTRPO(
-        "MlpLstmPolicy", env, n_steps=64, batch_size=64, seed=0, policy_kwargs=dict(lstm_hidden_size=8)
-    )
+    net = dict(lstm_hidden_size=8, recurrent_layer_type=cell)
+    model = MaskableRecurrentTRPO("MlpLstmPolicy", env, n_steps=64, batch_size=64, seed=0, policy_kwargs=net)
     model.learn(512)
     buffer = model.rollout_buffer  # flattened by the update: (n_envs * n_steps, ...)
     actions = buffer.actions.reshape(-1).astype(int)
@@ -371,15 +373,16 @@ def test_evaluation_with_masks_carries_the_lstm_states():
     assert all(state is None for state in given), "sb3-contrib's evaluation passes the states now: say so in the docs"
 
 
-def test_save_load_gives_identical_predictions_and_states(tmp_path):
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
+def test_save_load_gives_identical_predictions_and_states(cell, tmp_path):
     env = make_vec_env(Recall, n_envs=2, seed=0)
-    model = MaskableRecurrentTRPO(
-        "MlpLstmPolicy", env, n_steps=32, batch_size=64, seed=0, policy_kwargs=dict(lstm_hidden_size=8)
-    )
+    net = dict(lstm_hidden_size=8, recurrent_layer_type=cell)
+    model = MaskableRecurrentTRPO("MlpLstmPolicy", env, n_steps=32, batch_size=64, seed=0, policy_kwargs=net)
     model.learn(128)
     model.save(tmp_path / "model")
     loaded = MaskableRecurrentTRPO.load(tmp_path / "model", env=env)
     assert loaded.policy.lstm_actor.hidden_size == 8
+    assert type(loaded.policy.lstm_actor) is type(model.policy.lstm_actor)
     obs, starts = env.reset(), np.ones(2, dtype=bool)
     states = (None, None)
     masks = np.array([[True, False, True, True], [False, True, True, False]])

@@ -26,6 +26,7 @@ from sb3_trpo.distributed import Replica  # noqa: E402
 from sb3_trpo.fisher import JacobianFisherProduct, kl_hessian_vector_product  # noqa: E402
 from sb3_trpo.policy_step import StepSettings, trust_region_step  # noqa: E402
 from sb3_trpo.recurrent import RecurrentEvaluator, fold_sequence_starts, without_cudnn  # noqa: E402
+from sb3_trpo.recurrent_policies import RECURRENT_LAYER_TYPES, RecurrentCellActorCriticPolicy  # noqa: E402
 
 DAMPING = 0.1
 SPACES = {"discrete": spaces.Discrete(3), "box": spaces.Box(-1.0, 1.0, (2,), np.float32)}
@@ -35,9 +36,11 @@ WEIGHTS = [*[1, 1, 1, 1, 1], *[1, 1, 0, 0, 0], *[1, 1, 1, 1, 0]]
 EPISODE_STARTS = [0, 3, 5, 10]
 
 
-def tiny_recurrent_policy(space: spaces.Space, seed: int = 0) -> RecurrentActorCriticPolicy:
+def tiny_recurrent_policy(space: spaces.Space, seed: int = 0, cell: str = "lstm") -> RecurrentActorCriticPolicy:
     th.manual_seed(seed)
-    policy = RecurrentActorCriticPolicy(BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4, net_arch=dict(pi=[5], vf=[4]))
+    policy = RecurrentCellActorCriticPolicy(
+        BOX_OBS, space, lambda _: 1e-3, lstm_hidden_size=4, net_arch=dict(pi=[5], vf=[4]), recurrent_layer_type=cell
+    )
     with th.no_grad():  # far from uniform, so the Fisher matrix is not degenerate
         for param in policy.action_net.parameters():
             param.normal_(0.0, 0.8)
@@ -64,13 +67,14 @@ def torch_distribution(params: Any) -> th.distributions.Distribution:
     return th.distributions.Independent(th.distributions.Normal(*params.tensors), 1)
 
 
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
 @pytest.mark.parametrize("name", list(SPACES))
-def test_fisher_products_over_sequences_equal_the_explicit_hessian_of_the_masked_mean_kl(name, float64_observations):
-    policy = tiny_recurrent_policy(SPACES[name])
+def test_fisher_products_over_sequences_equal_the_explicit_hessian_of_the_masked_mean_kl(name, cell, float64_observations):
+    policy = tiny_recurrent_policy(SPACES[name], cell=cell)
     batch = sequence_batch(policy)
     obs, actions, context, weights = batch["obs"], batch["actions"], batch["context"], batch["weights"]
     actor = ActorView(policy, obs, context)
-    assert any(p is policy.lstm_actor.weight_hh_l0 for p in actor.parameters), "the LSTM is an actor parameter"
+    assert any(p is policy.lstm_actor.weight_hh_l0 for p in actor.parameters), "the cell is an actor parameter"
     theta_old = actor.flat()
     with th.no_grad():
         old = torch_distribution(actor.evaluate(theta_old, obs, actions, context=context).params)
@@ -213,8 +217,9 @@ def test_every_accepted_step_keeps_the_kl_over_whole_rollouts_within_the_trust_r
     assert accepted > 0
 
 
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
 @pytest.mark.parametrize("name", ["discrete", "box"])
-def test_the_recurrent_loop_collects_what_recurrent_ppos_collects(name):
+def test_the_recurrent_loop_collects_what_recurrent_ppos_collects(name, cell):
     """Step for step: observations, actions, rewards (with truncations bootstrapped from the critic's state), values,
     log-probabilities, the LSTM states stored with each step, and the states and counters the rollout leaves."""
     from sb3_contrib import RecurrentPPO
@@ -225,7 +230,8 @@ def test_the_recurrent_loop_collects_what_recurrent_ppos_collects(name):
         # spaces of their own: RandomEnv samples its observations from them
         make = lambda: RandomEnv(copy.deepcopy(BOX_OBS), copy.deepcopy(SPACES[name]), ep_length=7)  # noqa: E731
         env = make_vec_env(make, n_envs=2, seed=0)
-        kwargs = dict(n_steps=32, batch_size=64, seed=0, policy_kwargs=dict(lstm_hidden_size=4, enable_critic_lstm=True))
+        net = dict(lstm_hidden_size=4, enable_critic_lstm=True, recurrent_layer_type=cell)
+        kwargs = dict(n_steps=32, batch_size=64, seed=0, policy_kwargs=net)
         model = RecurrentTRPO("MlpLstmPolicy", env, **kwargs)
         model._setup_learn(64, None)
         return model
@@ -244,11 +250,13 @@ def test_the_recurrent_loop_collects_what_recurrent_ppos_collects(name):
     assert ours.rollout_buffer.rewards.any()
 
 
-def test_save_load_gives_identical_predictions_and_states_and_continues_training(tmp_path):
-    model = small_model(SPACES["box"])
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
+def test_save_load_gives_identical_predictions_and_states_and_continues_training(cell, tmp_path):
+    model = small_model(SPACES["box"], policy_kwargs=dict(lstm_hidden_size=8, net_arch=[8], recurrent_layer_type=cell))
     model.learn(64)
     model.save(tmp_path / "model")
     loaded = RecurrentTRPO.load(tmp_path / "model", env=model.get_env())
+    assert type(loaded.policy.lstm_actor) is type(model.policy.lstm_actor)
     obs = np.stack([BOX_OBS.sample() for _ in range(2)])
     state, starts = None, np.ones(2, dtype=bool)
     loaded_state = None
@@ -352,9 +360,10 @@ def test_import_sb3_trpo_needs_no_sb3_contrib_and_recurrent_trpo_says_how_to_ins
     assert 'pip install "sb3-trpo[recurrent]"' in out
 
 
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
 @pytest.mark.parametrize("name", list(SPACES))
-def test_folding_sequence_starts_into_the_initial_states_computes_the_same(name, float64_observations):
-    policy = tiny_recurrent_policy(SPACES[name])
+def test_folding_sequence_starts_into_the_initial_states_computes_the_same(name, cell, float64_observations):
+    policy = tiny_recurrent_policy(SPACES[name], cell=cell)
     batch = sequence_batch(policy)
     (hidden, cell), starts = batch["context"]
     starts = starts.clone()
@@ -372,12 +381,13 @@ def test_folding_sequence_starts_into_the_initial_states_computes_the_same(name,
     assert fold_sequence_starts(((hidden, cell), inside))[1][3] == 1.0
 
 
+@pytest.mark.parametrize("cell", RECURRENT_LAYER_TYPES)
 @pytest.mark.parametrize("name", list(SPACES))
-def test_the_step_over_sequences_is_the_step_of_the_equations(name, float64_observations):
+def test_the_step_over_sequences_is_the_step_of_the_equations(name, cell, float64_observations):
     """Against the TRPO step computed directly (Appendix C) on the same sequences in float64: ``g`` by autograd of the
     masked surrogate, ``F`` as the explicit Hessian of the masked mean KL, ``x`` by a direct solve, ``β`` and the
     first acceptable ``k``. CG runs until its residual test stops it here, so ``Δθ`` must be ``β · shrinkᵏ · x``."""
-    policy = tiny_recurrent_policy(SPACES[name])
+    policy = tiny_recurrent_policy(SPACES[name], cell=cell)
     batch = sequence_batch(policy)
     obs, actions, context, weights = batch["obs"], batch["actions"], batch["context"], batch["weights"]
     actor = ActorView(policy, obs, context)

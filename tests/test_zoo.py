@@ -64,12 +64,14 @@ def test_train_enjoy_and_continue_training_with_sb3_trpos_trpo(tmp_path):
 
 
 def test_recurrent_trpo_trains_and_enjoys_as_trpo_lstm(tmp_path):
-    tiny = "policy_kwargs:dict(lstm_hidden_size=8, net_arch=[8])"
+    # the cell is a policy keyword: trpo_lstm trains a GRU too
+    tiny = "policy_kwargs:dict(lstm_hidden_size=8, net_arch=[8], recurrent_layer_type='gru')"
     zoo("train", "--algo", "trpo_lstm", "--env", "CartPole-v1", "-n", "512", "-f", "logs", "--seed", "0",
         "--hyperparams", "n_steps:128", "batch_size:128", tiny, cwd=tmp_path)  # fmt: skip
     model = load_run(tmp_path / "logs", "trpo_lstm", "CartPole-v1")
     assert type(model).__name__ == "RecurrentTRPO"
     assert model.policy.lstm_actor.hidden_size == 8
+    assert model.policy.recurrent_layer_type == "gru"
     out = zoo("enjoy", "--algo", "trpo_lstm", "--env", "CartPole-v1", "-f", "logs", "-n", "100", "--no-render", cwd=tmp_path)
     assert "Episode Reward" in out or "Mean reward" in out
 

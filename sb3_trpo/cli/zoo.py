@@ -35,7 +35,14 @@ ALGORITHMS = {
 RECURRENT_NAMES = ("trpo_lstm", "trpo_lstm_maskable")
 MASKED_NAMES = ("trpo_maskable", "trpo_lstm_maskable")
 #: policy_kwargs that only the LSTM policies take
-LSTM_KEYWORDS = ("lstm_hidden_size", "n_lstm_layers", "shared_lstm", "enable_critic_lstm", "lstm_kwargs")
+LSTM_KEYWORDS = (
+    "lstm_hidden_size",
+    "n_lstm_layers",
+    "shared_lstm",
+    "enable_critic_lstm",
+    "lstm_kwargs",
+    "recurrent_layer_type",
+)
 INSTALL = "pip install 'sb3-trpo[zoo]'"
 
 
