@@ -405,6 +405,37 @@ def test_a_recurrent_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_
     assert f"{mean_final:.1f}" in preset.source
 
 
+POPGYM_RESULTS = LEARNING_RESULTS.parent / "popgym"
+POPGYM_TASKS = ["RepeatPreviousEasy", "CountRecallEasy", "PositionOnlyCartPoleEasy", "NoisyPositionOnlyPendulumEasy"]
+
+
+@pytest.mark.parametrize("task", POPGYM_TASKS)
+def test_a_popgym_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_result(task, monkeypatch):
+    """A POPGym task's preset is exactly what RecurrentTRPO ran in ``benchmarks/popgym_tasks.py`` (3 seeds, with the cell
+    the preset names), and its ``source`` quotes their mean final return."""
+    entry = load_presets().get(f"popgym-{task}-v0")
+    if entry is None:
+        pytest.skip(f"{task}: no measured preset")
+    monkeypatch.syspath_prepend(str(LEARNING_RESULTS.parents[1]))
+    from popgym_tasks import LSTM_NET, N_ENVS, TASKS, TRPO
+
+    runs = [json.loads(p.read_text()) for p in sorted((POPGYM_RESULTS / entry["benchmark"]).glob("seed*/result.json"))]
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2]
+    preset = preset_for(f"popgym-{task}-v0")
+    assert (preset.policy, preset.normalize, preset.n_envs) == ("MlpLstmPolicy", False, N_ENVS)
+    assert preset.n_timesteps == TASKS[task]["timesteps"]
+    kwargs = model_kwargs(preset.hyperparams)
+    cell = kwargs["policy_kwargs"]["recurrent_layer_type"]
+    assert entry["benchmark"] == f"{task}/recurrent_trpo_{cell}"
+    assert kwargs.pop("policy_kwargs") == dict(LSTM_NET, recurrent_layer_type=cell)
+    assert kwargs == TRPO
+    for run in runs:
+        assert (run["task"], run["algorithm"]) == (task, f"recurrent_trpo_{cell}")
+        assert ast.literal_eval(run["settings"]["task"])["timesteps"] == preset.n_timesteps
+    mean_final = float(np.mean([r["final_return"] for r in runs]))
+    assert f"{mean_final:.3f}" in preset.source
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_an_lstm_policy_trains_recurrent_trpo_and_eval_loads_it(cell, tmp_path, capsys):
     output = tmp_path / "run"

@@ -32,11 +32,11 @@ writes ``result.json`` under ``OUT/TASK/ALGORITHM/seedN/`` (final and best evalu
 without the evaluations, settings, commit, versions). A run whose ``result.json`` exists is skipped, so an
 interrupted benchmark resumes.
 
-    python benchmarks/popgym.py run --seeds 0 1 2 --jobs 2         # the four default tasks, every algorithm
-    python benchmarks/popgym.py run --tasks AutoencodeEasy --seeds 0 1 2
-    python benchmarks/popgym.py report                              # -> results/popgym.md and results/popgym.png
-    python benchmarks/popgym.py run --timesteps 2048 --seeds 0 --jobs 1 --out /tmp/popgym_smoke  # a smoke test
-    python benchmarks/popgym.py report --out /tmp/popgym_smoke      # -> /tmp/popgym_smoke.md and .png
+    python benchmarks/popgym_tasks.py run --seeds 0 1 2 --jobs 2         # the four default tasks, every algorithm
+    python benchmarks/popgym_tasks.py run --tasks AutoencodeEasy --seeds 0 1 2
+    python benchmarks/popgym_tasks.py report                              # -> results/popgym.md and results/popgym.png
+    python benchmarks/popgym_tasks.py run --timesteps 2048 --seeds 0 --jobs 1 --out /tmp/popgym_smoke  # a smoke test
+    python benchmarks/popgym_tasks.py report --out /tmp/popgym_smoke      # -> /tmp/popgym_smoke.md and .png
 
 ``report`` writes ``OUT.md`` and ``OUT.png`` beside the ``OUT`` directory (``results/popgym`` gives
 ``results/popgym.md``).
@@ -59,7 +59,6 @@ settings at RLlib's defaults; see ``PUBLISHED``.
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -116,24 +115,6 @@ PUBLISHED_SOURCE = (
     "Morad et al., POPGym (ICLR 2023), appendix: per-environment MMER of RLlib PPO with each memory model, "
     "15M environment steps a run (popgym/baselines/ppo.py); not transcribed here"
 )
-
-
-def _import_popgym() -> Any:
-    """``import popgym`` (which registers the ``popgym-*-v0`` ids), not this script: run as
-    ``python benchmarks/popgym.py``, the script's folder comes first on ``sys.path`` and its ``popgym.py`` would
-    shadow the package."""
-    if "popgym.envs" in sys.modules:
-        return sys.modules["popgym"]
-    here = Path(__file__).resolve().parent
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != here]
-    try:
-        sys.modules.pop("popgym", None)  # in case this script was imported under that name
-        import popgym
-        import popgym.envs
-    finally:
-        sys.path[:] = saved
-    return popgym
 
 
 def _tuple_to_multidiscrete() -> type:
@@ -213,7 +194,7 @@ def _settings(task: str, algorithm: str, timesteps: int) -> dict[str, Any]:
 def run_one(job: tuple[str, str, int, str, int | None]) -> dict[str, Any]:
     """Train one (task, algorithm, seed) with periodic evaluations; write and return its result."""
     task, algorithm, seed, out, timesteps_override = job
-    _import_popgym()
+    import popgym.envs  # noqa: F401  # registers the popgym-*-v0 ids
     import torch as th
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -325,7 +306,7 @@ def report(out: Path) -> str:
             for model, (mean, std) in models.items():
                 lines.append(f"| {task} | {model} | {mean:.3f} ± {std:.3f} |")
     else:
-        lines.append("No published numbers are recorded (see PUBLISHED in benchmarks/popgym.py).")
+        lines.append("No published numbers are recorded (see PUBLISHED in benchmarks/popgym_tasks.py).")
     text = "\n".join(lines) + "\n"
     (out.parent / f"{out.name}.md").write_text(text)
     if results:
