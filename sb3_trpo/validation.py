@@ -226,6 +226,9 @@ def target_kl_at(target_kl: float | Callable[[float], float], progress_remaining
     """
     if not callable(target_kl):
         return target_kl
+    # SB3's progress remaining goes below 0 at the last update when the budget is not a multiple of the rollout size
+    # (100,000 steps in rollouts of 1,024 end at 100,352): the schedule is read at 0, where it ends, as documented
+    progress_remaining = max(progress_remaining, 0.0)
     try:
         value = float(target_kl(progress_remaining))
     except (TypeError, ValueError) as error:

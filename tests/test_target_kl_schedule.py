@@ -97,3 +97,14 @@ def test_a_schedule_survives_save_and_load(tmp_path):
     assert callable(loaded.target_kl)
     assert loaded.target_kl(0.5) == pytest.approx(schedule(0.5))
     loaded.learn(128, reset_num_timesteps=False)
+
+
+def test_a_linear_schedule_is_read_at_zero_when_the_budget_overshoots():
+    """SB3's progress remaining is slightly negative at the last update when the budget is not a multiple of the
+    rollout size; ``lambda p: 0.02 * p`` would then return a negative radius."""
+    from sb3_trpo.validation import target_kl_at
+
+    assert target_kl_at(lambda p: 0.02 * p, -0.00096) == 0.0
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, target_kl=lambda p: 0.02 * p, seed=0)
+    model.learn(100)  # two rollouts of 64: progress remaining -0.28 at the second update
+    assert model.logger.name_to_value["train/target_kl"] == 0.0
