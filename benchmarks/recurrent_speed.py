@@ -112,7 +112,8 @@ def measure_learning(task: str, seed: int) -> dict[str, Any]:
     for name in ("recurrent_ppo", "recurrent_trpo"):
         keywords = settings["trpo"] if name == "recurrent_trpo" else settings["recurrent_ppo"]
         env = _env(task, seed, keywords.get("gamma", 0.99))
-        kwargs = dict(seed=seed, policy_kwargs=_policy_kwargs(task, "lstm"))
+        cell = settings.get("cell", "lstm") if name == "recurrent_trpo" else "lstm"  # the preset's cell
+        kwargs = dict(seed=seed, policy_kwargs=_policy_kwargs(task, cell))
         if name == "recurrent_ppo":
             model: Any = RecurrentPPO("MlpLstmPolicy", env, **kwargs, **{k: _schedule(v) for k, v in keywords.items()})
         else:
