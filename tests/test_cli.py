@@ -394,6 +394,8 @@ def test_a_recurrent_preset_is_what_its_benchmark_ran_and_its_source_quotes_the_
     task = TASKS[env_id]
     assert (preset.policy, preset.normalize) == ("MlpLstmPolicy", True)  # the script always normalizes
     expected_policy_kwargs = {**task.get("policy", LSTM_NET), **({"activation_fn": th.nn.ReLU} if task["relu"] else {})}
+    if "cell" in task:
+        expected_policy_kwargs["recurrent_layer_type"] = task["cell"]
     kwargs = model_kwargs(preset.hyperparams)
     assert kwargs.pop("policy_kwargs") == expected_policy_kwargs
     for run in runs:
