@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 from end_to_end import _versions  # the commit and library versions, as every benchmark records them
+from partial_observability import _timed_eval_callback  # SB3's EvalCallback keeping the curve and its time
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "popgym"
 ALGORITHMS = ("recurrent_trpo_lstm", "recurrent_trpo_gru", "recurrent_ppo", "trpo_mlp")
@@ -151,33 +152,6 @@ def _int_flatten_extractor() -> type:
             self._features_dim = int(self._features_dim)
 
     return IntFlattenExtractor
-
-
-def _timed_eval_callback() -> type:
-    from stable_baselines3.common.callbacks import EvalCallback
-    from stable_baselines3.common.evaluation import evaluate_policy
-
-    class TimedEvalCallback(EvalCallback):
-        """SB3's EvalCallback (10 deterministic episodes), keeping the curve and the time spent evaluating (not
-        counted as training time)."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.seconds, self.steps, self.returns = 0.0, [], []
-
-        def evaluate_now(self) -> None:
-            start = time.perf_counter()
-            mean, _ = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.n_eval_episodes, deterministic=True)
-            self.steps.append(self.model.num_timesteps)
-            self.returns.append(float(mean))
-            self.seconds += time.perf_counter() - start
-
-        def _on_step(self) -> bool:
-            if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
-                self.evaluate_now()
-            return True
-
-    return TimedEvalCallback
 
 
 def _settings(task: str, algorithm: str, timesteps: int) -> dict[str, Any]:

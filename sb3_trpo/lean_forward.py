@@ -226,16 +226,20 @@ class LeanForward:
             return preprocessed.flatten(1)  # type: ignore[union-attr]  # nn.Flatten's op
         return extractor(preprocessed)
 
-    def __call__(self, obs: PyTorchObs, action_masks: np.ndarray | None = None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
-        """:return: actions (as the numpy array SB3 makes of them), values and log-probabilities, as
-        ``policy(obs)`` computes them (``policy(obs, action_masks=...)`` for a maskable policy)"""
+    def _step_features(self, obs: PyTorchObs, action_masks: np.ndarray | None) -> tuple[th.Tensor, th.Tensor]:
+        """Set the step's masks (for a masked distribution) and return the actor's and critic's features of ``obs``,
+        as ``ActorCriticPolicy.extract_features`` computes them."""
         policy = self.policy
         self._masks = None if action_masks is None else th.as_tensor(action_masks, dtype=th.bool, device=policy.device)
         if policy.share_features_extractor:
-            pi_features = vf_features = self._features(obs, policy.features_extractor)
-        else:
-            pi_features = self._features(obs, policy.pi_features_extractor)
-            vf_features = self._features(obs, policy.vf_features_extractor)
+            features = self._features(obs, policy.features_extractor)
+            return features, features
+        return self._features(obs, policy.pi_features_extractor), self._features(obs, policy.vf_features_extractor)
+
+    def __call__(self, obs: PyTorchObs, action_masks: np.ndarray | None = None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+        """:return: actions (as the numpy array SB3 makes of them), values and log-probabilities, as
+        ``policy(obs)`` computes them (``policy(obs, action_masks=...)`` for a maskable policy)"""
+        pi_features, vf_features = self._step_features(obs, action_masks)
         latent_pi, latent_vf = self._actor_mlp(pi_features), self._critic_mlp(vf_features)
         values = self._value_head(latent_vf)
         actions, log_prob = self._sample(latent_pi)

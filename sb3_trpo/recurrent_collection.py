@@ -134,12 +134,7 @@ class LeanRecurrentForward(LeanForward):
         """:return: actions (the numpy array RecurrentPPO makes of them), values, log-probabilities and the new
         states, as ``policy(obs, states, episode_starts)`` computes them (with ``action_masks`` for a maskable one)"""
         policy: Any = self.policy
-        self._masks = None if action_masks is None else th.as_tensor(action_masks, dtype=th.bool, device=policy.device)
-        if policy.share_features_extractor:
-            pi_features = vf_features = self._features(obs, policy.features_extractor)
-        else:
-            pi_features = self._features(obs, policy.pi_features_extractor)
-            vf_features = self._features(obs, policy.vf_features_extractor)
+        pi_features, vf_features = self._step_features(obs, action_masks)
         keep = (1.0 - episode_starts).view(1, -1, 1)
         latent_pi, states_pi = self._actor_step(pi_features, keep, states.pi)
         if self._critic_step is not None:

@@ -118,8 +118,19 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"{where}: {a} vs {b}"
 
 
-def collect(make_model: Any, fast: bool, n_rollouts: int = 3, stop_at: int | None = None) -> dict[str, Any]:
-    """Collect ``n_rollouts`` rollouts (no update in between) and return everything they leave behind."""
+def collect(
+    make_model: Any,
+    fast: bool,
+    n_rollouts: int = 3,
+    stop_at: int | None = None,
+    collector: Any = None,
+    fields: tuple[str, ...] = BUFFER_FIELDS,
+) -> dict[str, Any]:
+    """Collect ``n_rollouts`` rollouts (no update in between) and return everything they leave behind.
+
+    :param collector: ``(model, callback) -> bool`` collecting one rollout (default: the model's ``collect_rollouts``)
+    :param fields: the buffer fields to compare besides the observations and masks
+    """
     model = make_model(fast)
     model._setup_learn(10**6, None)
     recorder = RecordingCallback(stop_at)
@@ -127,7 +138,10 @@ def collect(make_model: Any, fast: bool, n_rollouts: int = 3, stop_at: int | Non
     callback.on_training_start({}, {})  # the locals compared are the collection loop's alone
     buffers, continues = [], []
     for _ in range(n_rollouts):
-        continues.append(model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps))
+        if collector is None:
+            continues.append(model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps))
+        else:
+            continues.append(collector(model, callback))
         buffer = model.rollout_buffer
         observations = buffer.observations
         buffers.append(
@@ -135,7 +149,7 @@ def collect(make_model: Any, fast: bool, n_rollouts: int = 3, stop_at: int | Non
                 "observations": {k: v.copy() for k, v in observations.items()}
                 if isinstance(observations, dict)
                 else observations.copy(),
-                **{field: getattr(buffer, field).copy() for field in BUFFER_FIELDS},
+                **{field: getattr(buffer, field).copy() for field in fields},
                 **({"action_masks": buffer.action_masks.copy()} if hasattr(buffer, "action_masks") else {}),
                 "pos": buffer.pos,
                 "full": buffer.full,
@@ -153,6 +167,8 @@ def collect(make_model: Any, fast: bool, n_rollouts: int = 3, stop_at: int | Non
         "num_timesteps": model.num_timesteps,
         "episodes": [{k: v for k, v in e.items() if k != "t"} for e in model.ep_info_buffer],
         "gap": model._collection_gap,
+        # a recurrent model's states left for the next rollout
+        "last_states": [t.clone() for pair in getattr(model, "_last_lstm_states", ()) for t in pair],
     }
 
 

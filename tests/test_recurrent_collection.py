@@ -8,14 +8,14 @@ generator states, what callbacks see (every local), the states the rollout leave
 
 from typing import Any
 
-import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 
 from tests.helpers import ACTION_SPACES, BOX_OBS, RandomEnv, import_sb3_contrib
-from tests.test_collection import BUFFER_FIELDS, RecordingCallback, assert_same
+from tests.test_collection import BUFFER_FIELDS, assert_same
+from tests.test_collection import collect as collect_with_recording
 
 import_sb3_contrib()  # a dev dependency: required in CI, skipped elsewhere without it
 
@@ -57,42 +57,12 @@ def recurrent_ppos(model: Any, callback: Any) -> bool:
 
 
 def collect(make_model: Any, collector: Any, n_rollouts: int = 3, stop_at: int | None = None) -> dict[str, Any]:
-    """Collect ``n_rollouts`` rollouts (no update in between) and return everything they leave behind."""
-    model = make_model()
-    model._setup_learn(10**6, None)
-    recorder = RecordingCallback(stop_at)
-    callback = model._init_callback(recorder)
-    callback.on_training_start({}, {})
-    th.manual_seed(7)
-    buffers, continues = [], []
-    for _ in range(n_rollouts):
-        continues.append(collector(model, callback))
-        buffer = model.rollout_buffer
-        observations = buffer.observations
-        buffers.append(
-            {
-                "observations": {k: v.copy() for k, v in observations.items()}
-                if isinstance(observations, dict)
-                else observations.copy(),
-                **{field: getattr(buffer, field).copy() for field in (*BUFFER_FIELDS, *STATE_FIELDS)},
-                **({"action_masks": buffer.action_masks.copy()} if hasattr(buffer, "action_masks") else {}),
-                "pos": buffer.pos,
-                "full": buffer.full,
-            }
-        )
-    return {
-        "buffers": buffers,
-        "continues": continues,
-        "callback": recorder.steps,
-        "events": recorder.events,
-        "torch_rng": th.get_rng_state(),
-        "numpy_rng": np.random.get_state()[1].copy(),
-        "last_obs": RecordingCallback._copy(model._last_obs),
-        "last_episode_starts": model._last_episode_starts.copy(),
-        "last_states": [t.clone() for pair in model._last_lstm_states for t in pair],
-        "num_timesteps": model.num_timesteps,
-        "episodes": [{k: v for k, v in e.items() if k != "t"} for e in model.ep_info_buffer],
-    }
+    """test_collection's ``collect`` with the given loop, comparing the states stored with each step too."""
+    result = collect_with_recording(
+        lambda _: make_model(), False, n_rollouts, stop_at, collector=collector, fields=(*BUFFER_FIELDS, *STATE_FIELDS)
+    )
+    result.pop("gap")  # set by RecurrentTRPO's collect_rollouts only (the lean collector checks it)
+    return result
 
 
 def assert_collects_what_recurrent_ppo_collects(make_model: Any, stop_at: int | None = None) -> dict[str, Any]:
