@@ -249,8 +249,9 @@ def _save(record: dict[str, Any], key: tuple[str, ...], fields: tuple[str, ...])
     OUT_JSON.write_text(json.dumps([*records, record], indent=1))
 
 
-def _in_fresh_process(arguments: list[str], code: Path | None) -> dict[str, Any]:
-    """Run this script's ``arguments`` in a new Python process and return the JSON of its last output line.
+def _in_fresh_process(arguments: list[str], code: Path | None, script: str = __file__) -> dict[str, Any]:
+    """Run ``script``'s ``arguments`` (this script's by default) in a new Python process and return the JSON of its
+    last output line.
 
     :param code: a folder holding the ``sb3_trpo`` package to import (ahead of the editable install), or ``None``
     """
@@ -258,10 +259,10 @@ def _in_fresh_process(arguments: list[str], code: Path | None) -> dict[str, Any]
     if code is not None:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), environment.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *arguments],
+        [sys.executable, str(Path(script).resolve()), *arguments],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=3600,
         env=environment,
     )
     if done.returncode != 0:

@@ -21,6 +21,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 
 from sb3_trpo.lean_forward import LeanForward
+from sb3_trpo.normalization import lean_step
 
 
 class NonFiniteRolloutError(ValueError):
@@ -161,6 +162,7 @@ def lean_collect_rollouts(
     box_actions = isinstance(model.action_space, spaces.Box)
     discrete_actions = isinstance(model.action_space, spaces.Discrete)
     low, high = (model.action_space.low, model.action_space.high) if box_actions else (None, None)  # type: ignore[attr-defined]
+    step = lean_step(env)  # VecNormalize's step done leanly, bit for bit, where it covers the environment
 
     n_steps = 0
     # the locals SB3's loop has from its bootstrap loop on (idx and done after its first step, terminal_obs and
@@ -188,7 +190,7 @@ def lean_collect_rollouts(
         if box_actions:
             clipped_actions = policy.unscale_action(clipped_actions) if policy.squash_output else np.clip(actions, low, high)
 
-        new_obs, rewards, dones, infos = env.step(clipped_actions)
+        new_obs, rewards, dones, infos = step(clipped_actions)
         model.num_timesteps += env.num_envs
 
         # SB3 hands its locals() to the callbacks: these are the names and types callbacks read

@@ -39,10 +39,10 @@ def import_envpool() -> Any:
     """:return: the ``envpool`` module
     :raises ImportError: saying how to install it, if it is not installed"""
     try:
-        import envpool  # noqa: PLC0415  # an optional dependency, imported only where a pool is made
+        import envpool  # an optional dependency, imported only where a pool is made
     except ImportError as error:
         raise ImportError(
-            f"EnvPool is not installed ({error}): `pip install \"sb3-trpo[envpool]\"` (Linux and macOS, x86-64 and "
+            f'EnvPool is not installed ({error}): `pip install "sb3-trpo[envpool]"` (Linux and macOS, x86-64 and '
             "arm64 wheels), or use stable_baselines3's DummyVecEnv."
         ) from None
     return envpool
@@ -154,12 +154,12 @@ class EnvPoolVecEnv(VecEnv):
         obs, info, rewards, terminated, truncated = self._in_env_order(obs, info, rewards, terminated, truncated)
         dones = terminated | truncated
         infos = self._env_infos(info, range(self.num_envs))
-        for idx in range(self.num_envs):
-            self._episode_rewards[idx].append(float(rewards[idx]))
+        for episode, reward in zip(self._episode_rewards, rewards.tolist(), strict=True):
+            episode.append(reward)
         ended = np.flatnonzero(dones)
         if len(ended):
             now = time.time()
-            for idx in ended:
+            for idx in ended.tolist():
                 episode = self._episode_rewards[idx]
                 # Monitor's record: the summed rewards, length and time since the start, rounded as Monitor rounds them
                 infos[idx]["episode"] = {"r": round(sum(episode), 6), "l": len(episode), "t": round(now - self._t_start, 6)}
@@ -169,7 +169,7 @@ class EnvPoolVecEnv(VecEnv):
             reset_obs, reset_info = self._pool.reset(ended.astype(np.int32))
             order = np.argsort(reset_info["env_id"])  # reset_info lists the ended environments by id, like ``ended``
             obs[ended] = reset_obs[order]
-            for position, idx in enumerate(ended):
+            for position, idx in enumerate(ended.tolist()):
                 self.reset_infos[idx] = self._env_infos(reset_info, [int(order[position])])[0]
         self._actions = None
         return obs, rewards.astype(np.float32, copy=False), dones, infos
@@ -193,7 +193,7 @@ class EnvPoolVecEnv(VecEnv):
     # the rest of SB3's VecEnv interface
     # ----------------------------------------------------------------------------------------------------------
 
-    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
         """Seed the environments at the next ``reset()``: EnvPool fixes its seeds when a pool is made, so the pool is
         made anew then, with ``seed`` (``None`` draws one).
 
@@ -224,7 +224,9 @@ class EnvPoolVecEnv(VecEnv):
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         raise AttributeError(f"EnvPool's environments are not Python objects: cannot set {attr_name!r} on them")
 
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
         raise AttributeError(f"EnvPool's environments are not Python objects: cannot call {method_name!r} on them")
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:

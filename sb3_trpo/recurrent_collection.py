@@ -37,6 +37,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
 
 from sb3_trpo.collection import _store
 from sb3_trpo.lean_forward import LeanForward, _layer, lean_collection_gap
+from sb3_trpo.normalization import lean_step
 from sb3_trpo.recurrent_policies import PairStateGRU, PairStateRNN
 
 __all__ = ["LeanRecurrentForward", "lean_recurrent_collection_gap", "recurrent_collect_rollouts"]
@@ -195,6 +196,7 @@ def recurrent_collect_rollouts(
         policy.reset_noise(env.num_envs)
     callback.on_rollout_start()
     lean_forward = LeanRecurrentForward(policy) if lean else None
+    step = lean_step(env) if lean else env.step  # VecNormalize's step done leanly, bit for bit, where it covers env
     lstm_states = copy.deepcopy(model._last_lstm_states)
     # RecurrentPPO's locals from its bootstrap loop (after a first step; terminal_* after a first truncation): the
     # callbacks see them as its locals() gives them
@@ -222,7 +224,7 @@ def recurrent_collect_rollouts(
             )
         clipped_actions = np.clip(actions, model.action_space.low, model.action_space.high) if box_actions else actions
 
-        new_obs, rewards, dones, infos = env.step(clipped_actions)
+        new_obs, rewards, dones, infos = step(clipped_actions)
         model.num_timesteps += env.num_envs
         step_locals = {
             "self": model,

@@ -12,8 +12,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 pytest.importorskip("envpool")
 pytest.importorskip("mujoco")
 
-from sb3_trpo import TRPO  # noqa: E402
-from sb3_trpo.envpool_env import EnvPoolVecEnv, check_same_spaces  # noqa: E402
+from sb3_trpo import TRPO
+from sb3_trpo.envpool_env import EnvPoolVecEnv, check_same_spaces
 
 # EnvPool's own alignment test against its reference MuJoCo environments (envpool/mujoco/gym/mujoco_gym_align_test.py)
 OBS_ATOL = 3e-4
@@ -92,7 +92,7 @@ def test_one_step_from_the_same_state_matches_gymnasium(env_id, env_kwargs):
         # moderate actions keep Hopper and Walker2d below their velocity clip for a while
         action = rng.uniform(-0.5, 0.5, env.action_space.shape).astype(np.float32) * env.action_space.high
         next_obs, rewards, dones, infos = pool.step(action[None])
-        gym_obs, gym_reward, terminated, truncated, gym_info = env.step(action)
+        gym_obs, gym_reward, terminated, _, gym_info = env.step(action)
         if dones[0]:
             np.testing.assert_allclose(infos[0]["terminal_observation"], gym_obs, atol=obs_atol)
             assert terminated == (not infos[0]["TimeLimit.truncated"])
@@ -139,7 +139,8 @@ def test_episodes_as_dummy_vec_env_reports_them():
         for idx in range(n_envs):
             if not dones[idx]:
                 np.testing.assert_allclose(obs[idx], d_obs[idx], atol=OBS_ATOL)
-                assert "episode" not in infos[idx] and "terminal_observation" not in infos[idx]
+                assert "episode" not in infos[idx]
+                assert "terminal_observation" not in infos[idx]
                 continue
             mine, theirs = infos[idx], d_infos[idx]
             np.testing.assert_allclose(mine["terminal_observation"], theirs["terminal_observation"], atol=OBS_ATOL)
@@ -149,7 +150,8 @@ def test_episodes_as_dummy_vec_env_reports_them():
             assert set(mine["episode"]) == set(theirs["episode"])
             ends["truncated" if mine["TimeLimit.truncated"] else "terminated"] += 1
         sync(np.flatnonzero(dones))
-    assert ends["terminated"] >= 2 and ends["truncated"] >= 2, ends
+    assert ends["terminated"] >= 2, ends
+    assert ends["truncated"] >= 2, ends
 
 
 def test_seeds_reproduce():
@@ -192,3 +194,16 @@ def test_refusals():
     pong = EnvPoolVecEnv("Pong-v5", 1)
     with pytest.raises(ValueError, match="another observation space"):
         check_same_spaces(pong, DummyVecEnv([lambda: gym.make("CartPole-v1")]), "Pong-v5")
+
+
+def test_lean_collection_over_envpool_is_sb3s():
+    """The lean loop over EnvPoolVecEnv (in VecNormalize, with time-limit truncations bootstrapped) collects
+    exactly what SB3's loop collects over it."""
+    from tests.test_collection import assert_identical_collection
+
+    def make(fast: bool) -> TRPO:
+        env = VecNormalize(EnvPoolVecEnv("Hopper-v5", 2, seed=0, env_kwargs={"max_episode_steps": 20}))
+        return TRPO("MlpPolicy", env, n_steps=64, batch_size=64, seed=0, fast_collection=fast)
+
+    result = assert_identical_collection(make, n_rollouts=3)
+    assert len(result["episodes"]) > 5
