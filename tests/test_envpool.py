@@ -1,6 +1,13 @@
 """EnvPoolVecEnv: EnvPool's MuJoCo tasks against gymnasium's, and SB3's VecEnv conventions against DummyVecEnv's."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import warnings
+import zipfile
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -12,8 +19,11 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 pytest.importorskip("envpool")
 pytest.importorskip("mujoco")
 
-from sb3_trpo import TRPO
+from sb3_trpo import TRPO, envpool_env
+from sb3_trpo.cli import checkpointing, main
 from sb3_trpo.envpool_env import EnvPoolVecEnv, check_same_spaces
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # EnvPool's own alignment test against its reference MuJoCo environments (envpool/mujoco/gym/mujoco_gym_align_test.py)
 OBS_ATOL = 3e-4
@@ -207,3 +217,74 @@ def test_lean_collection_over_envpool_is_sb3s():
 
     result = assert_identical_collection(make, n_rollouts=3)
     assert len(result["episodes"]) > 5
+
+
+# ---- the command line: --vec-env envpool ------------------------------------------------------------------------
+
+
+def _cli(*argv: str, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(
+        [sys.executable, "-m", "sb3_trpo", *argv],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+#: 4 environments x 16 steps; an evaluation every 128 timesteps, a checkpoint every 256
+CLI_RUN = [
+    *["--vec-env", "envpool", "--envpool-threads", "2", "--n-envs", "4", "--timesteps", "1024", "--seed", "3"],
+    *["--eval-freq", "128", "--eval-episodes", "1", "--checkpoint-freq", "256", "--no-progress-bar"],
+    *["--hyperparams", "n_steps=16", "batch_size=64", "n_critic_updates=2"],
+]
+
+
+def test_cli_trains_on_envpool_and_resumes_after_a_kill(tmp_path):
+    """Killed (SIGKILL) during its 9th update, the run resumes from its latest checkpoint on EnvPool, finishes its
+    budget, and its model evaluates on gymnasium's environment."""
+    output = tmp_path / "run"
+    doom = {"DOOMED_MARKER": str(tmp_path / "killed"), "DOOMED_UPDATE": "9"}
+    # tests.cli_envs.doomed kills the process at the start of the chosen update
+    killed = _cli("train", "Hopper-v5", "--output", str(output), *CLI_RUN, "--gym-packages", "tests.cli_envs.doomed", env=doom)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    config = json.loads((output / "config.json").read_text())
+    assert config["vec_env"] == "envpool"
+    assert config["n_envs"] == 4
+    assert checkpointing.latest_checkpoint(output) == output / "checkpoints" / "512"
+    resumed = _cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "From the checkpoint at 512 timesteps" in resumed.stdout
+    with zipfile.ZipFile(output / "model.zip") as archive:
+        assert json.loads(archive.read("data"))["num_timesteps"] == 1024
+    assert list(np.load(output / "evaluations.npz")["timesteps"]) == list(range(128, 1025, 128))
+    evaluated = _cli("eval", str(output), "--episodes", "2")
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
+@pytest.mark.parametrize(
+    ("env_id", "message"),
+    [
+        ("Taxi-v4", "EnvPool has no task 'Taxi-v4'"),
+        ("Blackjack-v1", "EnvPool's Blackjack-v1 has another observation space"),
+        ("tests.cli_envs.tiny:CliTiny-v0", "runs EnvPool's own tasks, not 'tests.cli_envs.tiny:CliTiny-v0'"),
+    ],
+)
+def test_cli_refuses_what_envpool_cannot_stand_in_for(env_id, message, tmp_path, capsys):
+    assert main(["train", env_id, "--vec-env", "envpool", "--output", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
+
+
+def test_cli_says_how_to_install_envpool(monkeypatch, tmp_path, capsys):
+    def missing() -> None:
+        raise ImportError('EnvPool is not installed (no module named envpool): `pip install "sb3-trpo[envpool]"`')
+
+    monkeypatch.setattr(envpool_env, "import_envpool", missing)
+    assert main(["train", "Hopper-v5", "--vec-env", "envpool", "--output", str(tmp_path / "run")]) == 2
+    assert 'pip install "sb3-trpo[envpool]"' in capsys.readouterr().err
+    assert main(["train", "Hopper-v5", "--envpool-threads", "0", "--vec-env", "envpool", "--output", str(tmp_path / "r")]) == 2
+    assert "--envpool-threads 0: must be at least 1" in capsys.readouterr().err

@@ -122,3 +122,9 @@ def elastic_launch_id() -> str | None:
 def max_restarts() -> int:
     """:return: how many times torchrun may restart the workers (``--max-restarts``; 0 when not launched by it)"""
     return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+
+
+def processes_on_this_machine(world_size: int) -> int:
+    """:return: the training processes sharing this machine's cores: torchrun's ``LOCAL_WORLD_SIZE``, else all of
+    them"""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))

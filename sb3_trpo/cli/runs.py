@@ -20,6 +20,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
 from sb3_trpo.cli.presets import ALGORITHMS, CliError, algorithm_named
+from sb3_trpo.envpool_env import EnvPoolVecEnv, check_same_spaces
 from sb3_trpo.masks import INFO_KEY, METHOD, mask_sizes
 from sb3_trpo.masks import evaluate_policy as evaluate_with_masks
 from sb3_trpo.model_files import save_atomically
@@ -224,6 +225,41 @@ def make_env(
             f"environment {env_id!r} does not take env_kwargs {env_kwargs!r} ({error}); use the keywords its "
             "constructor lists (gymnasium.make(env_id, **env_kwargs))."
         ) from None
+
+
+def make_envpool_env(
+    env_id: str, n_envs: int, seed: int | None, env_kwargs: dict[str, Any] | None, threads: int, gymnasium_env: VecEnv
+) -> VecEnv:
+    """An :class:`~sb3_trpo.envpool_env.EnvPoolVecEnv` of the task, refused with a clear error where EnvPool cannot
+    stand in for gymnasium's environment (not installed, no such task, other spaces).
+
+    :param env_id: a gymnasium id EnvPool also has (``MODULE:ENV_ID`` forms are gymnasium's own registrations)
+    :param n_envs: number of environments
+    :param seed: the pool's seed
+    :param env_kwargs: keywords of ``gymnasium.make`` (EnvPool's spelling is used where it differs)
+    :param threads: EnvPool's worker threads
+    :param gymnasium_env: gymnasium's environment of the same id (the evaluation's), whose spaces must be EnvPool's
+    """
+    if split_env_id(env_id)[0] is not None:
+        raise CliError(f"--vec-env envpool runs EnvPool's own tasks, not {env_id!r} (a module's registration).")
+    try:
+        env = EnvPoolVecEnv(env_id, n_envs, seed=seed, num_threads=threads, env_kwargs=env_kwargs)
+        check_same_spaces(env, gymnasium_env, env_id)
+    except ImportError as error:
+        raise CliError(f"--vec-env envpool: {error}") from None
+    except ValueError as error:
+        raise CliError(f"--vec-env envpool: {error}") from None
+    return env
+
+
+def envpool_threads(requested: int | None, processes_here: int) -> int:
+    """:return: EnvPool's threads per process: ``requested``, else this machine's cores shared by its processes"""
+    if requested is not None:
+        if requested < 1:
+            raise CliError(f"--envpool-threads {requested}: must be at least 1.")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(cores // max(processes_here, 1), 1)
 
 
 class MakeRegistered:
