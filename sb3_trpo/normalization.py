@@ -20,12 +20,15 @@ environment is a plain ``VecNormalize`` over Box observations (:func:`lean_step`
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.running_mean_std import RunningMeanStd
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
+
+Step = Callable[[np.ndarray], VecEnvStepReturn]
 
 
 def lean_normalizer_gap(env: VecEnv) -> str | None:
@@ -37,9 +40,26 @@ def lean_normalizer_gap(env: VecEnv) -> str | None:
     return None
 
 
-def lean_step(env: VecEnv) -> Callable[[np.ndarray], VecEnvStepReturn]:
-    """:return: ``env.step``, or the same step through :class:`LeanNormalizer` where it covers ``env``"""
-    return LeanNormalizer(env).step if lean_normalizer_gap(env) is None else env.step  # type: ignore[arg-type]
+def lean_dummy_gap(env: VecEnv) -> str | None:
+    """:return: why :class:`LeanDummyStep` does not cover ``env``, or ``None`` if it does"""
+    if type(env) is not DummyVecEnv:
+        return f"the environment is a {type(env).__name__}, not SB3's DummyVecEnv itself"
+    if list(env.keys) != [None]:
+        return "Dict or Tuple observations (DummyVecEnv buffers them key by key)"
+    return None
+
+
+def lean_step(env: VecEnv) -> Step:
+    """:return: ``env.step``, or the same step done leanly where :class:`LeanNormalizer` (a plain VecNormalize over
+    Box observations) or :class:`LeanDummyStep` (a plain DummyVecEnv over Box observations, also under the
+    VecNormalize) covers ``env``"""
+    if lean_normalizer_gap(env) is None:
+        assert isinstance(env, VecNormalize)
+        return LeanNormalizer(env, lean_step(env.venv)).step
+    if lean_dummy_gap(env) is None:
+        assert isinstance(env, DummyVecEnv)
+        return LeanDummyStep(env)
+    return env.step
 
 
 def batch_moments(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,13 +120,15 @@ class LeanNormalizer:
     """``VecNormalize.step`` on a ``VecNormalize``'s own state, bit for bit (see the module's description).
 
     :param vec_normalize: SB3's ``VecNormalize`` over Box observations (:func:`lean_normalizer_gap` says which)
+    :param inner_step: the step of the environments it wraps (default: their ``step``), e.g. a :class:`LeanDummyStep`
     """
 
-    def __init__(self, vec_normalize: VecNormalize) -> None:
+    def __init__(self, vec_normalize: VecNormalize, inner_step: Step | None = None) -> None:
         gap = lean_normalizer_gap(vec_normalize)
         if gap is not None:
             raise ValueError(f"LeanNormalizer covers SB3's VecNormalize over Box observations only: {gap}")
         self.vec_normalize = vec_normalize
+        self.inner_step = vec_normalize.venv.step if inner_step is None else inner_step
 
     def normalize_obs(self, obs: np.ndarray) -> np.ndarray:
         """:return: ``VecNormalize.normalize_obs(obs)`` for Box observations"""
@@ -124,8 +146,7 @@ class LeanNormalizer:
     def step(self, actions: np.ndarray) -> VecEnvStepReturn:
         """:return: what ``vec_normalize.step(actions)`` returns, with the same effect on its state"""
         vn = self.vec_normalize
-        vn.venv.step_async(actions)
-        obs, rewards, dones, infos = vn.venv.step_wait()
+        obs, rewards, dones, infos = self.inner_step(actions)
         assert isinstance(obs, np.ndarray)
         vn.old_obs, vn.old_reward = obs, rewards
         if vn.training and vn.norm_obs:
@@ -148,3 +169,37 @@ class LeanNormalizer:
                     infos[idx]["terminal_observation"] = self.normalize_obs(infos[idx]["terminal_observation"])
             vn.returns[dones] = 0
         return normalized_obs, normalized_rewards, dones, infos
+
+
+class LeanDummyStep:
+    """``DummyVecEnv.step`` over Box observations, with the same effect on the DummyVecEnv's buffers and the same
+    outputs, without its per-step overheads: the observation buffer is copied directly (not through
+    ``copy_obs_dict``/``dict_to_obs``), and the infos are handed out as new dicts holding the step's values (not a
+    ``deepcopy``: each step's info dicts and arrays are new objects the DummyVecEnv never changes later, so a copy of
+    the dict is enough for a caller to change its entries, as VecNormalize does with ``terminal_observation``).
+
+    :param venv: SB3's ``DummyVecEnv`` over Box observations (:func:`lean_dummy_gap` says which)
+    """
+
+    def __init__(self, venv: DummyVecEnv) -> None:
+        gap = lean_dummy_gap(venv)
+        if gap is not None:
+            raise ValueError(f"LeanDummyStep covers SB3's DummyVecEnv over Box observations only: {gap}")
+        self.venv = venv
+
+    def __call__(self, actions: np.ndarray) -> VecEnvStepReturn:
+        """:return: what ``venv.step(actions)`` returns, with the same effect on its buffers and environments"""
+        venv = self.venv
+        venv.actions = actions  # step_async
+        observations = venv.buf_obs[None]  # type: ignore[index]  # the one buffer of a Box space, under key None
+        infos: list[dict[str, Any]] = venv.buf_infos
+        for env_idx, env in enumerate(venv.envs):
+            obs, venv.buf_rews[env_idx], terminated, truncated, info = env.step(actions[env_idx])
+            infos[env_idx] = info
+            venv.buf_dones[env_idx] = done = terminated or truncated
+            info["TimeLimit.truncated"] = truncated and not terminated
+            if done:
+                info["terminal_observation"] = obs
+                obs, venv.reset_infos[env_idx] = env.reset()
+            observations[env_idx] = obs
+        return observations.copy(), venv.buf_rews.copy(), venv.buf_dones.copy(), [dict(info) for info in infos]

@@ -185,12 +185,18 @@ def test_batch_moments_are_numpys():
 def test_what_it_covers():
     box = VecNormalize(make_env(1))
     assert lean_normalizer_gap(box) is None
-    assert lean_step(box).__self__.vec_normalize is box
+    assert lean_step(box).__self__.vec_normalize is box  # type: ignore[attr-defined]
     dict_env = DummyVecEnv([lambda: RandomEnv(spaces.Dict({"a": spaces.Box(-1, 1, (2,))}), spaces.Box(-1, 1, (2,)))])
     assert "Dict observations" in lean_normalizer_gap(VecNormalize(dict_env))
     assert "not SB3's VecNormalize" in lean_normalizer_gap(make_env(1))
+    assert lean_step(dict_env) == dict_env.step  # DummyVecEnv buffers Dict observations key by key: not covered
+
+    class OwnDummy(DummyVecEnv):
+        pass
+
+    own = OwnDummy([lambda: NoisyEnv()])
+    assert lean_step(own) == own.step  # its step may differ: not covered
     plain = make_env(1)
-    assert lean_step(plain) == plain.step
 
     class Subclass(VecNormalize):
         pass
@@ -198,3 +204,64 @@ def test_what_it_covers():
     assert lean_normalizer_gap(Subclass(make_env(1))) is not None  # its step may differ: not covered
     with pytest.raises(ValueError, match="Box observations only"):
         LeanNormalizer(copy.copy(plain))  # type: ignore[arg-type]
+
+
+def _infos_equal(a: list[dict], b: list[dict], where: str) -> None:
+    assert len(a) == len(b), where
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x.keys() == y.keys(), f"{where}[{i}]"
+        for key in x:
+            if key == "episode":  # Monitor's record: its wall time "t" differs between two runs
+                assert {**x[key], "t": 0} == {**y[key], "t": 0}, f"{where}[{i}].{key}"
+            else:
+                assert_bits(np.asarray(x[key]), np.asarray(y[key]), f"{where}[{i}].{key}")
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_lean_dummy_step_is_dummy_vec_envs(env_id):
+    """The same observations, rewards, dones and infos (values, Monitor's episodes, truncations and terminal
+    observations), the same buffers and reset infos, as DummyVecEnv.step; a change to a returned info does not reach
+    the next step's."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from sb3_trpo.normalization import LeanDummyStep
+
+    sb3 = make_vec_env(env_id, n_envs=3, seed=0, env_kwargs={"max_episode_steps": 40})
+    mine = make_vec_env(env_id, n_envs=3, seed=0, env_kwargs={"max_episode_steps": 40})
+    assert_bits(sb3.reset(), mine.reset(), "reset")
+    step = LeanDummyStep(mine)
+    rng = np.random.default_rng(0)
+    ends = 0
+    for t in range(300):
+        actions = np.stack([sb3.action_space.sample() for _ in range(3)]) if t % 2 else rng.integers(0, 2, 3)
+        if env_id == "Pendulum-v1":
+            actions = rng.uniform(-2, 2, (3, 1)).astype(np.float32)
+        expected, got = sb3.step(actions), step(actions)
+        for part in range(3):
+            assert_bits(got[part], expected[part], f"step {t} part {part}")
+        _infos_equal(got[3], expected[3], f"step {t} infos")
+        _infos_equal(mine.reset_infos, sb3.reset_infos, f"step {t} reset infos")
+        assert_bits(mine.buf_obs[None], sb3.buf_obs[None], f"step {t} buffer")
+        ends += int(got[2].sum())
+        for info in got[3]:
+            info["terminal_observation"] = "changed by the caller"
+    assert ends >= 10
+
+
+def test_the_lean_steps_compose_over_vec_normalize_and_dummy_vec_env():
+    from sb3_trpo.normalization import LeanDummyStep
+
+    env = VecNormalize(make_env(2))
+    step = lean_step(env)
+    assert isinstance(step.__self__.inner_step, LeanDummyStep)
+    assert isinstance(lean_step(make_env(2)), LeanDummyStep)
+    sb3, lean = VecNormalize(make_env(2)), VecNormalize(make_env(2))
+    sb3.reset(), lean.reset()
+    step = lean_step(lean)
+    for t in range(200):
+        actions = np.zeros((2, 2), np.float32)
+        expected, got = sb3.step(actions), step(actions)
+        for part in range(3):
+            assert_bits(got[part], expected[part], f"step {t} part {part}")
+        _infos_equal(got[3], expected[3], f"step {t} infos")
+        assert_bits(state(lean), state(sb3), f"state after step {t}")
