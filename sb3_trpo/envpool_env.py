@@ -154,6 +154,9 @@ class EnvPoolVecEnv(VecEnv):
         obs, info, rewards, terminated, truncated = self._in_env_order(obs, info, rewards, terminated, truncated)
         dones = terminated | truncated
         infos = self._env_infos(info, range(self.num_envs))
+        # DummyVecEnv's flag, on every step's info (true only for an episode cut by the time limit)
+        for env_info, cut in zip(infos, (truncated & ~terminated).tolist(), strict=True):
+            env_info["TimeLimit.truncated"] = cut
         for episode, reward in zip(self._episode_rewards, rewards.tolist(), strict=True):
             episode.append(reward)
         ended = np.flatnonzero(dones)
@@ -163,7 +166,6 @@ class EnvPoolVecEnv(VecEnv):
                 episode = self._episode_rewards[idx]
                 # Monitor's record: the summed rewards, length and time since the start, rounded as Monitor rounds them
                 infos[idx]["episode"] = {"r": round(sum(episode), 6), "l": len(episode), "t": round(now - self._t_start, 6)}
-                infos[idx]["TimeLimit.truncated"] = bool(truncated[idx] and not terminated[idx])
                 infos[idx]["terminal_observation"] = obs[idx].copy()
                 self._episode_rewards[idx] = []
             reset_obs, reset_info = self._pool.reset(ended.astype(np.int32))

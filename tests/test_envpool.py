@@ -147,6 +147,7 @@ def test_episodes_as_dummy_vec_env_reports_them():
         np.testing.assert_array_equal(dones, d_dones)
         np.testing.assert_allclose(rewards, d_rewards, atol=REWARD_ATOL)
         for idx in range(n_envs):
+            assert infos[idx]["TimeLimit.truncated"] == d_infos[idx]["TimeLimit.truncated"]
             if not dones[idx]:
                 np.testing.assert_allclose(obs[idx], d_obs[idx], atol=OBS_ATOL)
                 assert "episode" not in infos[idx]
