@@ -48,6 +48,8 @@ OUT_JSON = RESULTS / "fast_envs.json"
 OUT_MD = RESULTS / "fast_envs.md"
 TASKS = ("Hopper-v5", "HalfCheetah-v5")
 BACKENDS = ("dummy", "envpool")
+#: ``dummy16``: DummyVecEnv with EnvPool's settings (16 envs, n_steps scaled): what the settings alone change
+EXTRA_BACKENDS = ("dummy16",)
 #: EnvPool's environments and threads in the learning runs
 ENVPOOL_ENVS = 16
 ENVPOOL_THREADS = 2
@@ -80,7 +82,7 @@ def make_training_env(env_id: str, backend: str, seed: int, n_envs: int) -> Any:
     from sb3_trpo.envpool_env import EnvPoolVecEnv
 
     preset = preset_for(env_id)
-    if backend == "dummy":
+    if backend in ("dummy", "dummy16"):
         env = make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=preset.env_kwargs or None)
     else:
         env = EnvPoolVecEnv(env_id, n_envs, seed=seed, num_threads=ENVPOOL_THREADS, env_kwargs=preset.env_kwargs)
@@ -462,7 +464,7 @@ def main() -> None:
     sub.add_parser("report")
     worker = sub.add_parser("learn-worker")
     worker.add_argument("task")
-    worker.add_argument("backend", choices=BACKENDS)
+    worker.add_argument("backend", choices=BACKENDS + EXTRA_BACKENDS)
     worker.add_argument("seed", type=int)
     worker.add_argument("timesteps", type=int)
     sub.add_parser("rates-worker").add_argument("task")
