@@ -337,7 +337,11 @@ def cost_model(records: list[dict[str, Any]]) -> list[str]:
     rows = []
     for task in TASKS:
         rates = next((r for r in records if r.get("rates_task") == task), None)
-        runs = [r for r in records if r.get("task") == task and r.get("backend") == "envpool"]
+        runs = [
+            r
+            for r in records
+            if r.get("task") == task and r.get("backend") == "envpool" and r.get("n_envs") == ENVPOOL_ENVS[task]
+        ]
         dummy = [r for r in records if r.get("task") == task and r.get("backend") == "dummy"]
         if rates is None or not runs or not dummy:
             continue
@@ -395,7 +399,8 @@ def report() -> str:
         lines += [
             f"## learn(), {TIMESTEPS:,} steps: EnvPool ({ENVPOOL_THREADS} threads) against DummyVecEnv (the preset's 2 envs)",
             "",
-            "| task | EnvPool envs x steps | seeds | learn() s, DummyVecEnv / EnvPool | speed-up | collection us/sample | train() s | "
+            "| task | EnvPool envs x steps | seeds | learn() s, DummyVecEnv / EnvPool | speed-up | collection us/sample | "
+            "train() s | "
             "final return, DummyVecEnv | final return, EnvPool | the env alone (random actions, DummyVecEnv): 1M steps in |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -419,7 +424,8 @@ def report() -> str:
             rates = next((r for r in records if r.get("rates_task") == task), None)
             alone = f"{TIMESTEPS / rates['dummy_2']:.0f} s" if rates else "n/a"
             lines.append(
-                f"| {task} | {n_envs['envpool']} x {pick['envpool'][0]['n_steps']} | {', '.join(map(str, seeds))} | {learn_s['dummy']:.0f} / {learn_s['envpool']:.0f} | "
+                f"| {task} | {n_envs['envpool']} x {pick['envpool'][0]['n_steps']} | {', '.join(map(str, seeds))} | "
+                f"{learn_s['dummy']:.0f} / {learn_s['envpool']:.0f} | "
                 f"**{learn_s['dummy'] / learn_s['envpool']:.2f}x** | {collect['dummy']:.0f} / {collect['envpool']:.0f} | "
                 f"{train['dummy']:.0f} / {train['envpool']:.0f} | {returns('dummy')} | {returns('envpool')} | {alone} |"
             )
