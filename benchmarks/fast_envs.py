@@ -291,7 +291,7 @@ def _have(match: dict[str, Any]) -> bool:
     return any(all(r.get(k) == v for k, v in match.items()) for r in _load())
 
 
-def run(command: str, tasks: list[str], seeds: list[int], timesteps: int) -> None:
+def run(command: str, tasks: list[str], seeds: list[int], timesteps: int, backends: list[str]) -> None:
     """Each measurement in a fresh process importing a snapshot of HEAD's package, one at a time; done ones skipped."""
     with tempfile.TemporaryDirectory(prefix="fast_envs_code_") as folder:
         commit = _snapshot(Path(folder))
@@ -299,7 +299,7 @@ def run(command: str, tasks: list[str], seeds: list[int], timesteps: int) -> Non
         if command == "learn":
             for seed in seeds:
                 for task in tasks:
-                    order = BACKENDS if seed % 2 == 0 else BACKENDS[::-1]
+                    order = backends if seed % 2 == 0 else backends[::-1]
                     for backend in order:
                         arguments = ["learn-worker", task, backend, str(seed), str(timesteps)]
                         n_envs = backend_settings(task, backend)[0]
@@ -474,6 +474,7 @@ def main() -> None:
         command.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
         command.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
         command.add_argument("--timesteps", type=int, default=TIMESTEPS)
+        command.add_argument("--backends", nargs="+", default=list(BACKENDS), help="learn: dummy, envpool, dummy:N, envpool:N")
     sub.add_parser("report")
     worker = sub.add_parser("learn-worker")
     worker.add_argument("task")
@@ -492,7 +493,7 @@ def main() -> None:
     elif args.command == "report":
         print(report())
     else:
-        run(args.command, args.tasks, args.seeds, args.timesteps)
+        run(args.command, args.tasks, args.seeds, args.timesteps, args.backends)
         print(report())
 
 
