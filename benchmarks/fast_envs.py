@@ -412,9 +412,9 @@ def report() -> str:
         lines += [
             f"## learn(), {TIMESTEPS:,} steps: EnvPool ({ENVPOOL_THREADS} threads) against DummyVecEnv (the preset's 2 envs)",
             "",
-            "| task | EnvPool envs x steps | seeds | learn() s, DummyVecEnv / EnvPool | speed-up | collection us/sample | "
-            "train() s | "
-            "final return, DummyVecEnv | final return, EnvPool | the env alone (random actions, DummyVecEnv): 1M steps in |",
+            "| task | EnvPool envs x steps | seeds timed | learn() s, DummyVecEnv / EnvPool | speed-up | "
+            "collection us/sample | train() s | final return, DummyVecEnv (every seed run) | "
+            "final return, EnvPool (every seed run) | the env alone (random actions, DummyVecEnv): 1M steps in |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for task in TASKS:
@@ -430,8 +430,8 @@ def report() -> str:
             collect = {b: _median([r["collect_us_per_sample"] for r in pick[b]]) for b in BACKENDS}
             train = {b: _median([r["train_s"] for r in pick[b]]) for b in BACKENDS}
 
-            def returns(b: str, pick: dict[str, list[dict[str, Any]]] = pick) -> str:
-                values = [r["final_return_mean"] for r in pick[b]]
+            def returns(b: str, by: dict[str, list[dict[str, Any]]] = by) -> str:  # every seed run, paired or not
+                values = [r["final_return_mean"] for r in sorted(by[b], key=lambda r: r["seed"])]
                 return f"{np.mean(values):.0f} ± {np.std(values):.0f} ({', '.join(f'{v:.0f}' for v in values)})"
 
             rates = next((r for r in records if r.get("rates_task") == task), None)
