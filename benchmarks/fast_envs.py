@@ -373,8 +373,9 @@ def cost_model(records: list[dict[str, Any]]) -> list[str]:
         "## A model of more cores (from the parts above; not a measurement)",
         "",
         "Parts, microseconds per sample: `o` EnvPool's fixed cost per step call, `p` one environment's step on one "
-        "thread (random actions), `s` the main thread's share of a collected sample (forward pass at a batch of 16, "
-        "normalizer, buffer, loop), `u` the update's share. Per sample on `c` cores, `n` environments: "
+        "thread (random actions; `o` and `p` fitted to the one-thread rates at 2 to 64 environments), `s` the main "
+        "thread's share of a collected sample in the EnvPool runs (forward pass at their batch, normalizer, buffer, "
+        "loop), `u` the update's share. Per sample on `c` cores, `n` environments: "
         "`o / n + p / c + s + u`; `k` data-parallel processes of `c / k` threads each: `(o / n + p k / c + s + u) / k`, "
         "the all-reduces taken as free. The `learn()` of 1M steps it predicts:",
         "",
