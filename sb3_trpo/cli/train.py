@@ -156,6 +156,8 @@ def _train(plan: Plan, args: argparse.Namespace, replica: Replica, device: th.de
         # every rank checks EnvPool's spaces against gymnasium's (rank 0's evaluation environment, or one made for it)
         gymnasium_env = eval_env if eval_env is not None else runs.make_env(env_id, 1, None, env_kwargs=env_kwargs)
         env = runs.make_envpool_env(env_id, per_process, seed + replica.rank * per_process, env_kwargs, threads, gymnasium_env)
+        if gymnasium_env is not eval_env:
+            gymnasium_env.close()
     else:
         env = runs.make_env(
             env_id,
