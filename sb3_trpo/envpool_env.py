@@ -67,8 +67,8 @@ class EnvPoolVecEnv(VecEnv):
 
     Use it wherever SB3 takes a ``VecEnv`` (wrap it in ``VecNormalize`` as usual)::
 
-        env = VecNormalize(EnvPoolVecEnv("Hopper-v5", n_envs=2, seed=0))
-        TRPO("MlpPolicy", env).learn(1_000_000)
+        env = VecNormalize(EnvPoolVecEnv("Hopper-v5", n_envs=8, seed=0))
+        TRPO("MlpPolicy", env, n_steps=256).learn(1_000_000)
 
     :param env_id: an EnvPool task id (``envpool.list_all_envs()``), e.g. ``"Hopper-v5"``
     :param n_envs: number of environments

@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="step the environments in this process (dummy, the default: measured faster here on MuJoCo and classic "
         "control tasks with 2 environments), in one process each (subproc: for environments slower than the pipe "
         "round trip, ~0.2 ms), or in EnvPool's C++ threads (envpool: its MuJoCo and classic-control tasks, `pip "
-        'install "sb3-trpo[envpool]"`; pays with many environments per step, e.g. --n-envs 16; evaluation stays on '
+        'install "sb3-trpo[envpool]"`; pays with many environments per step, e.g. --n-envs 8; evaluation stays on '
         "gymnasium's environment)",
     )
     parser.add_argument(
