@@ -93,9 +93,7 @@ TIMESTEPS`` is the subcommand each fresh process runs, it prints one JSON line.)
 import argparse
 import json
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -108,6 +106,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import Section
 from vec_env import _in_fresh_process, _load_average, _snapshot
+from vec_env import _versions as vec_env_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT_JSON = RESULTS / "tianshou_side_by_side.json"
@@ -191,24 +190,9 @@ class LinearDecay:
 
 
 def _versions() -> dict[str, str]:
-    import gymnasium
-    import stable_baselines3
-    import torch
-
-    import sb3_trpo
-
-    root = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
-    versions = {
-        "commit": commit.stdout.strip(),
-        "sb3_trpo": sb3_trpo.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "torch": torch.__version__,
-        "gymnasium": gymnasium.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-    for name in ("tianshou", "envpool", "mujoco"):
+    """vec_env.py's record of versions and commit, with Tianshou's and EnvPool's."""
+    versions = vec_env_versions()
+    for name in ("tianshou", "envpool"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
@@ -355,17 +339,33 @@ def train_tianshou(backend: str, seed: int, timesteps: int) -> dict[str, Any]:
             (mean, _), _ = actor(torch.as_tensor(obs_rms.norm(obs[None]), dtype=torch.float32))
         return policy.map_action(mean.numpy())[0]
 
-    final_mean, final_std = evaluate(act, seed)
+    record = _record(int(collector.collect_step), wall, sections, evaluate(act, seed), episode_returns[-100:], critic_lrs)
     envs.close()
+    return record
+
+
+def _record(
+    timesteps: int,
+    wall: float,
+    sections: Section,
+    final: tuple[float, float],
+    training_returns: list[float],
+    critic_lrs: list[float],
+) -> dict[str, Any]:
+    """:return: what a worker reports of its run, the same fields for both implementations
+
+    :param final: the final evaluation's mean and standard deviation
+    :param training_returns: the returns of the last (up to 100) training episodes
+    """
     return {
-        "timesteps": int(collector.collect_step),
+        "timesteps": timesteps,
         "learn_s": wall,
         "collect_s": sections.seconds["collect"],
         "train_s": sections.seconds["train"],
         "train_calls": sections.calls["train"],
-        "final_return_mean": final_mean,
-        "final_return_std": final_std,
-        "training_return_last_100": float(np.mean(episode_returns[-100:])) if episode_returns else float("nan"),
+        "final_return_mean": final[0],
+        "final_return_std": final[1],
+        "training_return_last_100": float(np.mean(training_returns)) if training_returns else float("nan"),
         "critic_lr_first_last": [critic_lrs[0], critic_lrs[-1]],
     }
 
@@ -444,21 +444,10 @@ def train_sb3_trpo(backend: str, seed: int, timesteps: int) -> dict[str, Any]:
     def act(obs: np.ndarray) -> np.ndarray:
         return model.predict(env.normalize_obs(obs), deterministic=True)[0]
 
-    final_mean, final_std = evaluate(act, seed)
-    env.close()
     returns = [e["r"] for e in model.ep_info_buffer]
-    return {
-        "timesteps": int(model.num_timesteps),
-        "learn_s": wall,
-        "collect_s": sections.seconds["collect"],
-        "train_s": sections.seconds["train"],
-        "train_calls": sections.calls["train"],
-        "final_return_mean": final_mean,
-        "final_return_std": final_std,
-        "training_return_last_100": float(np.mean(returns)) if returns else float("nan"),
-        "critic_lr_first_last": [critic_lrs[0], critic_lrs[-1]],
-        "sb3_trpo_file": sys.modules["sb3_trpo"].__file__,
-    }
+    record = _record(int(model.num_timesteps), wall, sections, evaluate(act, seed), returns, critic_lrs)
+    env.close()
+    return {**record, "sb3_trpo_file": sys.modules["sb3_trpo"].__file__}
 
 
 def worker(implementation: str, backend: str, seed: int, timesteps: int) -> dict[str, Any]:

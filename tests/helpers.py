@@ -2,6 +2,9 @@
 
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -192,3 +195,16 @@ def without_embedded_statistics(model_file: "os.PathLike[str] | str") -> None:
     with zipfile.ZipFile(model_file, "w") as archive:
         for name, content in members.items():
             archive.writestr(name, content)
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+    """``python -m sb3_trpo ARGV`` in a subprocess from the repository's root, with ``env`` added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "sb3_trpo", *argv],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

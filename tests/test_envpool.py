@@ -1,10 +1,7 @@
 """EnvPoolVecEnv: EnvPool's MuJoCo tasks against gymnasium's, and SB3's VecEnv conventions against DummyVecEnv's."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,6 +19,7 @@ pytest.importorskip("mujoco")
 from sb3_trpo import TRPO, envpool_env
 from sb3_trpo.cli import checkpointing, main
 from sb3_trpo.envpool_env import EnvPoolVecEnv, check_same_spaces
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -223,18 +221,6 @@ def test_lean_collection_over_envpool_is_sb3s():
 # ---- the command line: --vec-env envpool ------------------------------------------------------------------------
 
 
-def _cli(*argv: str, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(
-        [sys.executable, "-m", "sb3_trpo", *argv],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 #: 4 environments x 16 steps; an evaluation every 128 timesteps, a checkpoint every 256
 CLI_RUN = [
     *["--vec-env", "envpool", "--envpool-threads", "2", "--n-envs", "4", "--timesteps", "1024", "--seed", "3"],
@@ -249,19 +235,21 @@ def test_cli_trains_on_envpool_and_resumes_after_a_kill(tmp_path):
     output = tmp_path / "run"
     doom = {"DOOMED_MARKER": str(tmp_path / "killed"), "DOOMED_UPDATE": "9"}
     # tests.cli_envs.doomed kills the process at the start of the chosen update
-    killed = _cli("train", "Hopper-v5", "--output", str(output), *CLI_RUN, "--gym-packages", "tests.cli_envs.doomed", env=doom)
+    killed = run_cli(
+        "train", "Hopper-v5", "--output", str(output), *CLI_RUN, "--gym-packages", "tests.cli_envs.doomed", env=doom
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     config = json.loads((output / "config.json").read_text())
     assert config["vec_env"] == "envpool"
     assert config["n_envs"] == 4
     assert checkpointing.latest_checkpoint(output) == output / "checkpoints" / "512"
-    resumed = _cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
+    resumed = run_cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
     assert resumed.returncode == 0, resumed.stderr
     assert "From the checkpoint at 512 timesteps" in resumed.stdout
     with zipfile.ZipFile(output / "model.zip") as archive:
         assert json.loads(archive.read("data"))["num_timesteps"] == 1024
     assert list(np.load(output / "evaluations.npz")["timesteps"]) == list(range(128, 1025, 128))
-    evaluated = _cli("eval", str(output), "--episodes", "2")
+    evaluated = run_cli("eval", str(output), "--episodes", "2")
     assert evaluated.returncode == 0, evaluated.stderr
 
 

@@ -29,6 +29,7 @@ import tests.cli_envs.tiny  # noqa: F401  (registers CliTiny-v0 for the library 
 from sb3_trpo import TRPO, load_latest_checkpoint
 from sb3_trpo.cli import checkpointing, main
 from sb3_trpo.cli.runs import BEST_MODEL, CONFIG, EVALUATIONS, MODEL
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests.cli_envs.tiny:CliTiny-v0"
@@ -266,32 +267,20 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_the_latest(tm
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [str(BUDGET)]
 
 
-def _cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sb3_trpo", *argv],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("kill", [{"DOOMED_STEP": "370"}, {"DOOMED_UPDATE": "9"}], ids=["mid-rollout", "mid-update"])
 def test_a_run_killed_by_sigkill_resumes_from_the_command_line(tmp_path, kill):
     output = tmp_path / "run"
     doom = {"DOOMED_MARKER": str(tmp_path / "killed"), **kill}
-    killed = _cli("train", DOOMED, "--output", str(output), *RUN, "--no-progress-bar", env=doom)
+    killed = run_cli("train", DOOMED, "--output", str(output), *RUN, "--no-progress-bar", env=doom)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert checkpointing.latest_checkpoint(output) == output / "checkpoints" / "256"
-    resumed = _cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
+    resumed = run_cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
     assert resumed.returncode == 0, resumed.stderr
     assert "From the checkpoint at 256 timesteps" in resumed.stdout
     assert list(np.load(output / EVALUATIONS)["timesteps"]) == EXPECTED_EVALUATIONS
     with zipfile.ZipFile(output / MODEL) as archive:
         assert json.loads(archive.read("data"))["num_timesteps"] == BUDGET
-    evaluated = _cli("eval", str(output), "--episodes", "2")
+    evaluated = run_cli("eval", str(output), "--episodes", "2")
     assert evaluated.returncode == 0, evaluated.stderr
 
 
@@ -299,11 +288,11 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path):
     # killed as it saved its final model: the budget is trained, the last checkpoint holds it, model.zip is missing
     output = tmp_path / "run"
     doom = {"DOOMED_MARKER": str(tmp_path / "killed"), "DOOMED_FINAL_SAVE": "1"}
-    killed = _cli("train", DOOMED, "--output", str(output), *RUN, "--no-progress-bar", env=doom)
+    killed = run_cli("train", DOOMED, "--output", str(output), *RUN, "--no-progress-bar", env=doom)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert checkpointing.latest_checkpoint(output) == output / "checkpoints" / str(BUDGET)
     assert not (output / MODEL).exists()
-    resumed = _cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
+    resumed = run_cli("train", "--resume", str(output), "--no-progress-bar", env=doom)
     assert resumed.returncode == 0, resumed.stderr
     assert "finished training: writing its final model" in resumed.stdout
     with zipfile.ZipFile(output / MODEL) as archive:
@@ -313,7 +302,7 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path):
         assert th.equal(a, b)
     assert list(np.load(output / EVALUATIONS)["timesteps"]) == EXPECTED_EVALUATIONS
     # a finished run with its final model is not resumed without a larger budget
-    again = _cli("train", "--resume", str(output), "--no-progress-bar")
+    again = run_cli("train", "--resume", str(output), "--no-progress-bar")
     assert again.returncode == 2
     assert "pass --timesteps N with N > 640" in again.stderr
 
