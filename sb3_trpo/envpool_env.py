@@ -48,15 +48,6 @@ def import_envpool() -> Any:
     return envpool
 
 
-def envpool_task_ids() -> list[str]:
-    """:return: the task ids EnvPool can make (empty if it is not installed)"""
-    try:
-        envpool = import_envpool()
-    except ImportError:
-        return []
-    return list(envpool.list_all_envs())
-
-
 def envpool_kwargs(env_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """:return: ``gymnasium.make`` keywords as EnvPool's ``make`` takes them (see :data:`ENV_KWARG_NAMES`)"""
     return {ENV_KWARG_NAMES.get(key, key): value for key, value in (env_kwargs or {}).items()}
